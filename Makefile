@@ -1,0 +1,41 @@
+# Thin wrappers over `uv run …`; `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+export PATH := $(HOME)/.local/bin:$(PATH)
+
+.PHONY: help uv sync services migrate run test lint fmt bench fuzz
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+uv: ## install uv with pip when it is missing
+	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
+
+sync: uv ## install the locked dependencies
+	@uv sync --frozen --quiet
+
+services: sync ## make sure PostgreSQL, Redis and RabbitMQ answer; create the database
+	@scripts/services.sh
+
+migrate: services ## apply the migrations to POSTGRES_DB
+	@uv run --frozen alembic upgrade head
+
+run: migrate ## serve on HOST:PORT with WORKERS processes
+	@uv run --frozen python -m api
+
+lint: sync ## ruff check, ruff format --check, mypy (strict on api/)
+	@uv run --frozen ruff check .
+	@uv run --frozen ruff format --check .
+	@uv run --frozen mypy
+
+fmt: sync ## format and autofix
+	@uv run --frozen ruff format .
+	@uv run --frozen ruff check --fix .
+
+test: services lint ## lint, then the whole suite against the real services
+	@uv run --frozen pytest
+
+bench: services ## the benchmark: wrk against the service and a reference app
+	@uv run --frozen python -m bench

@@ -1,0 +1,225 @@
+"""Typed configuration from the environment (and an optional `.env` file)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import lru_cache
+from typing import Annotated, Literal
+from urllib.parse import quote
+
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import URL
+
+# The secret shipped in `.env.local`; production refuses it.
+EXAMPLE_JWT_SECRET = "change-me-in-production-this-is-only-for-local-dev"  # noqa: S105
+MIN_PRODUCTION_SECRET_BYTES = 32
+
+_RATE_LIMIT_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+class AppEnv(StrEnum):
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitPolicy:
+    """A token bucket: `quota` tokens refilled evenly over `window` seconds."""
+
+    name: str
+    quota: int
+    window: int
+
+    @classmethod
+    def parse(cls, name: str, raw: str) -> RateLimitPolicy:
+        match = _RATE_LIMIT_RE.match(raw)
+        if match is None:
+            raise ValueError("expected '<quota>/<window seconds>', e.g. '100/60'")
+        quota, window = int(match[1]), int(match[2])
+        if quota < 1 or window < 1:
+            raise ValueError("quota and window must be at least 1")
+        return cls(name=name, quota=quota, window=window)
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+CsvList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; names are those of `.env.local`."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+    )
+
+    APP_ENV: AppEnv = AppEnv.DEVELOPMENT
+    HOST: str = "127.0.0.1"
+    PORT: int = Field(default=8000, ge=1, le=65535)
+    WORKERS: int = Field(default=1, ge=1, le=64)
+    LOGLEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    POSTGRES_HOST: str = "127.0.0.1"
+    POSTGRES_PORT: int = Field(default=5432, ge=1, le=65535)
+    POSTGRES_DB: str = Field(default="orders", min_length=1, max_length=63)
+    POSTGRES_USER: str = "postgres"
+    POSTGRES_PASSWORD: SecretStr = SecretStr("")
+    # Seconds a statement (and an idle transaction) may run before PostgreSQL cancels it.
+    POSTGRES_TRANSACTION_TIMEOUT: float = Field(default=5.0, gt=0, le=600)
+    POSTGRES_ECHO: bool = False
+    POSTGRES_POOL_SIZE: int = Field(default=10, ge=1, le=200)
+    POSTGRES_MAX_OVERFLOW: int = Field(default=10, ge=0, le=200)
+    POSTGRES_POOL_TIMEOUT: float = Field(default=5.0, gt=0, le=120)
+    POSTGRES_CONNECT_TIMEOUT: float = Field(default=3.0, gt=0, le=60)
+
+    RMQ_USER: str = "guest"
+    RMQ_PASSWORD: SecretStr = SecretStr("guest")
+    RMQ_HOST: str = "127.0.0.1"
+    RMQ_PORT: int = Field(default=5672, ge=1, le=65535)
+    RMQ_VHOST: str = "/"
+    # Extra AMQP URL query parameters, e.g. `heartbeat=30&connection_timeout=5`.
+    RMQ_PARAMS: str = ""
+    RMQ_EXCHANGE: str = Field(default="orders", min_length=1, max_length=255)
+    RMQ_QUEUE: str = Field(default="orders.events", min_length=1, max_length=255)
+    RMQ_STATUS_QUEUE: str = Field(default="orders.status-updates", min_length=1, max_length=255)
+    RMQ_RPC_EXCHANGE: str = Field(default="orders.rpc", min_length=1, max_length=255)
+
+    REDIS_HOST: str = "127.0.0.1"
+    REDIS_PORT: int = Field(default=6379, ge=1, le=65535)
+    REDIS_DB: int = Field(default=0, ge=0, le=15)
+    REDIS_PASSWORD: SecretStr = SecretStr("")
+    # ACL user; when set it authenticates with REDIS_USER_PASSWORD instead of REDIS_PASSWORD.
+    REDIS_USER: str = ""
+    REDIS_USER_PASSWORD: SecretStr = SecretStr("")
+    REDIS_TTL_EXPIRE: int = Field(default=60, ge=1, le=86_400)
+    REDIS_KEY_PREFIX: str = Field(default="orders:", max_length=64)
+    REDIS_SOCKET_TIMEOUT: float = Field(default=0.5, gt=0, le=30)
+
+    JWT_SECRET_KEY: SecretStr = SecretStr(EXAMPLE_JWT_SECRET)
+    JWT_ALGORITHM: Literal["HS256", "HS384", "HS512"] = "HS256"
+    JWT_LIFETIME: int = Field(default=15, ge=1, le=24 * 60)
+    JWT_REFRESH_LIFETIME_DAYS: int = Field(default=30, ge=1, le=365)
+
+    ARGON2_TIME_COST: int = Field(default=2, ge=1, le=10)
+    ARGON2_MEMORY_COST: int = Field(default=19_456, ge=8_192, le=1_048_576)
+    ARGON2_PARALLELISM: int = Field(default=1, ge=1, le=16)
+
+    ENV_ALLOWED_ORIGINS: CsvList = Field(default_factory=list)
+    TRUSTED_PROXIES: CsvList = Field(default_factory=list)
+
+    RATE_LIMIT_DEFAULT: str = "100/60"
+    RATE_LIMIT_AUTH: str = "10/60"
+    RATE_LIMIT_ORDERS_CREATE: str = "30/60"
+    RATE_LIMIT_ENABLED: bool = True
+
+    REDIRECT_SERVICES: CsvList = Field(default_factory=list)
+    REDIRECT_TIMEOUT: float = Field(default=5.0, gt=0, le=300)
+
+    OUTBOX_RELAY_ENABLED: bool = True
+    OUTBOX_BATCH_SIZE: int = Field(default=500, ge=1, le=10_000)
+    OUTBOX_POLL_INTERVAL: float = Field(default=1.0, gt=0, le=60)
+    OUTBOX_RETENTION_HOURS: int = Field(default=24, ge=0, le=24 * 90)
+    STATUS_CONSUMER_ENABLED: bool = True
+    STATUS_PREFETCH: int = Field(default=32, ge=1, le=1000)
+
+    IDEMPOTENCY_TTL_HOURS: int = Field(default=24, ge=1, le=24 * 30)
+
+    @field_validator("ENV_ALLOWED_ORIGINS", "TRUSTED_PROXIES", "REDIRECT_SERVICES", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("RATE_LIMIT_DEFAULT", "RATE_LIMIT_AUTH", "RATE_LIMIT_ORDERS_CREATE")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        RateLimitPolicy.parse("check", value)
+        return value
+
+    @field_validator("REDIS_KEY_PREFIX")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if any(ch.isspace() for ch in value):
+            raise ValueError("must not contain white space")
+        return value
+
+    @model_validator(mode="after")
+    def _production_secret(self) -> Settings:
+        if self.APP_ENV is AppEnv.PRODUCTION:
+            secret = self.JWT_SECRET_KEY.get_secret_value()
+            if secret == EXAMPLE_JWT_SECRET:
+                raise ValueError("JWT_SECRET_KEY: the example secret is refused in production")
+            if len(secret.encode()) < MIN_PRODUCTION_SECRET_BYTES:
+                raise ValueError(
+                    f"JWT_SECRET_KEY: at least {MIN_PRODUCTION_SECRET_BYTES} bytes in production"
+                )
+            if "*" in self.ENV_ALLOWED_ORIGINS:
+                raise ValueError("ENV_ALLOWED_ORIGINS: '*' is refused in production")
+        return self
+
+    @property
+    def rate_limit_policies(self) -> dict[str, RateLimitPolicy]:
+        return {
+            name: RateLimitPolicy.parse(name, raw)
+            for name, raw in (
+                ("default", self.RATE_LIMIT_DEFAULT),
+                ("auth", self.RATE_LIMIT_AUTH),
+                ("orders_create", self.RATE_LIMIT_ORDERS_CREATE),
+            )
+        }
+
+    def postgres_url(self, database: str | None = None) -> URL:
+        return URL.create(
+            "postgresql+asyncpg",
+            username=self.POSTGRES_USER,
+            password=self.POSTGRES_PASSWORD.get_secret_value() or None,
+            host=self.POSTGRES_HOST,
+            port=self.POSTGRES_PORT,
+            database=database or self.POSTGRES_DB,
+        )
+
+    @property
+    def rabbitmq_url(self) -> str:
+        user = quote(self.RMQ_USER, safe="")
+        password = quote(self.RMQ_PASSWORD.get_secret_value(), safe="")
+        vhost = quote(self.RMQ_VHOST, safe="")
+        url = f"amqp://{user}:{password}@{self.RMQ_HOST}:{self.RMQ_PORT}/{vhost}"
+        return f"{url}?{self.RMQ_PARAMS.lstrip('?')}" if self.RMQ_PARAMS else url
+
+
+def describe_error(exc: ValidationError) -> str:
+    """One line naming the first bad variable, without echoing its value."""
+    err = exc.errors()[0]
+    loc = ".".join(str(part) for part in err["loc"]) or "settings"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"invalid configuration: {loc}: {message}"
+
+
+def load_settings() -> Settings:
+    """Settings from the environment; a bad value exits with one line naming it."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        sys.stderr.write(describe_error(exc) + "\n")
+        raise SystemExit(2) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

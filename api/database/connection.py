@@ -1,0 +1,56 @@
+"""The async engine, the session factory and the one-transaction-per-request dependency."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from api.configs import Settings
+from api.state import get_state
+
+
+def create_engine(settings: Settings, *, database: str | None = None) -> AsyncEngine:
+    """An asyncpg engine whose every connection carries the statement timeout."""
+    timeout_ms = str(int(settings.POSTGRES_TRANSACTION_TIMEOUT * 1000))
+    return create_async_engine(
+        settings.postgres_url(database),
+        echo=settings.POSTGRES_ECHO,
+        pool_size=settings.POSTGRES_POOL_SIZE,
+        max_overflow=settings.POSTGRES_MAX_OVERFLOW,
+        pool_timeout=settings.POSTGRES_POOL_TIMEOUT,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        connect_args={
+            "timeout": settings.POSTGRES_CONNECT_TIMEOUT,
+            # The client-side bound a little above the server's, so the server's error wins.
+            "command_timeout": settings.POSTGRES_TRANSACTION_TIMEOUT + 1,
+            "server_settings": {
+                "application_name": "orders-api",
+                "statement_timeout": timeout_ms,
+                "idle_in_transaction_session_timeout": timeout_ms,
+            },
+        },
+    )
+
+
+def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """One transaction per request, committed when the endpoint returns."""
+    async with get_state(request)["sessionmaker"]() as session, session.begin():
+        yield session
+
+
+# scope="function": the commit runs before the response is sent, so a failed
+# commit becomes an error response instead of following a 2xx.
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]

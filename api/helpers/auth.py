@@ -1,0 +1,111 @@
+"""Access tokens (PyJWT, one explicit algorithm, required claims) and the identity dependencies."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+import jwt
+from fastapi import Depends, Request
+from fastapi.security import OAuth2PasswordBearer
+
+from api.configs import Settings
+from api.database.connection import SessionDep
+from api.database.query import users as user_queries
+from api.errors import Forbidden, Unauthorized
+from api.helpers.enums import UserRole
+from api.state import get_state
+
+ISSUER = "orders-api"
+AUDIENCE = "orders-api"
+ACCESS = "access"
+REQUIRED_CLAIMS = ["sub", "exp", "iat", "nbf", "jti", "iss", "aud", "typ"]
+
+# auto_error=False: our own 401 problem (with WWW-Authenticate) instead of FastAPI's.
+oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/v1/auth/token", auto_error=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the user id and the role the database holds now."""
+
+    id: uuid.UUID
+    role: UserRole
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role is UserRole.ADMIN
+
+
+def create_access_token(
+    settings: Settings, *, user_id: uuid.UUID, now: datetime | None = None
+) -> tuple[str, int]:
+    """A signed access token and its lifetime in seconds."""
+    now = now or datetime.now(UTC)
+    lifetime = timedelta(minutes=settings.JWT_LIFETIME)
+    claims = {
+        "sub": str(user_id),
+        "iat": now,
+        "nbf": now,
+        "exp": now + lifetime,
+        "jti": uuid.uuid4().hex,
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "typ": ACCESS,
+    }
+    token = jwt.encode(
+        claims, settings.JWT_SECRET_KEY.get_secret_value(), algorithm=settings.JWT_ALGORITHM
+    )
+    return token, int(lifetime.total_seconds())
+
+
+def decode_access_token(settings: Settings, token: str) -> uuid.UUID:
+    """The user id of a valid access token; anything else is `Unauthorized`."""
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            settings.JWT_SECRET_KEY.get_secret_value(),
+            # Exactly one algorithm: `none` and HS/RS confusion are refused by construction.
+            algorithms=[settings.JWT_ALGORITHM],
+            audience=AUDIENCE,
+            issuer=ISSUER,
+            options={"require": REQUIRED_CLAIMS},
+        )
+    except jwt.ExpiredSignatureError:
+        raise Unauthorized("The access token has expired.") from None
+    except jwt.PyJWTError:
+        raise Unauthorized("The access token is not valid.") from None
+    if claims.get("typ") != ACCESS:
+        raise Unauthorized("The access token is not valid.")
+    try:
+        return uuid.UUID(str(claims["sub"]))
+    except ValueError:
+        raise Unauthorized("The access token is not valid.") from None
+
+
+async def get_current_user(
+    request: Request,
+    session: SessionDep,
+    token: Annotated[str | None, Depends(oauth2_scheme)],
+) -> Principal:
+    """The caller of a valid access token whose user still exists."""
+    if not token:
+        raise Unauthorized("Missing bearer token.")
+    user_id = decode_access_token(get_state(request)["settings"], token)
+    role = await user_queries.get_user_role(session, user_id=user_id)
+    if role is None:
+        raise Unauthorized("The access token is not valid.")
+    request.scope["state"]["user_id"] = str(user_id)
+    return Principal(id=user_id, role=UserRole(role))
+
+
+async def require_admin(user: Annotated[Principal, Depends(get_current_user)]) -> Principal:
+    if not user.is_admin:
+        raise Forbidden("This operation needs the admin role.")
+    return user
+
+
+CurrentUser = Annotated[Principal, Depends(get_current_user)]
+AdminUser = Annotated[Principal, Depends(require_admin)]

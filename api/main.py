@@ -1,0 +1,167 @@
+"""The app factory and its lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response
+from sqlalchemy import exc as sa_exc
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.configs import Settings, get_settings
+from api.database.connection import create_engine, create_sessionmaker
+from api.errors import (
+    PROBLEM_CONTENT_TYPE,
+    SLUG_BY_STATUS,
+    ProblemError,
+    ServiceUnavailable,
+    ValidationFailed,
+    problem_body,
+)
+from api.helpers.logger import configure_logging
+from api.helpers.orjson_coder import ORJSONResponse
+from api.middleware import RequestContextMiddleware
+from api.rabbit_core.client import RabbitClient, RabbitUnavailable
+from api.redis_core.client import create_redis
+from api.routers import ping
+from api.state import AppState
+
+logger = logging.getLogger(__name__)
+
+CORS_ALLOW_HEADERS = [
+    "Authorization",
+    "Content-Type",
+    "Idempotency-Key",
+    "If-Match",
+    "If-None-Match",
+    "X-Request-ID",
+]
+CORS_EXPOSE_HEADERS = [
+    "X-Request-ID",
+    "ETag",
+    "Location",
+    "Idempotent-Replayed",
+    "X-Cache",
+    "RateLimit",
+    "RateLimit-Policy",
+    "Retry-After",
+]
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
+    """Open PostgreSQL, Redis and RabbitMQ clients; close them in reverse order.
+
+    Nothing here waits for a dependency to answer: the process serves `/ping`
+    while one is down and reports it through `/ping/ready`.
+    """
+    settings: Settings = app.state.settings
+    engine = create_engine(settings)
+    redis = create_redis(settings)
+    rabbit = RabbitClient(settings)
+    await rabbit.start()
+    try:
+        yield AppState(
+            settings=settings,
+            engine=engine,
+            sessionmaker=create_sessionmaker(engine),
+            redis=redis,
+            rabbit=rabbit,
+        )
+    finally:
+        await rabbit.close()
+        await redis.aclose()
+        await engine.dispose()
+
+
+def _problem(request: Request, exc: ProblemError | StarletteHTTPException) -> Response:
+    status = exc.status_code
+    slug = exc.slug if isinstance(exc, ProblemError) else SLUG_BY_STATUS.get(status, "bad-request")
+    body = problem_body(
+        status=status,
+        slug=slug,
+        detail=str(exc.detail),
+        instance=request.url.path,
+        request_id=request.scope.get("state", {}).get("request_id"),
+        errors=exc.errors if isinstance(exc, ProblemError) else None,
+    )
+    return ORJSONResponse(
+        body, status_code=status, headers=exc.headers, media_type=PROBLEM_CONTENT_TYPE
+    )
+
+
+async def handle_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    return _problem(request, exc)
+
+
+async def handle_validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
+        for err in exc.errors()
+    ]
+    problem = ValidationFailed("The request is not valid.", errors=errors)
+    return _problem(request, problem)
+
+
+async def handle_unavailable(request: Request, exc: Exception) -> Response:
+    """A dependency that cannot be reached or timed out: 503, never a 500 with a trace."""
+    logger.warning("dependency unavailable", extra={"error": type(exc).__name__})
+    return _problem(request, ServiceUnavailable("A backing service is unavailable; retry shortly."))
+
+
+async def handle_database_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, sa_exc.DBAPIError)
+    if exc.connection_invalidated or isinstance(
+        exc, sa_exc.OperationalError | sa_exc.InterfaceError
+    ):
+        return await handle_unavailable(request, exc)
+    raise exc
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the application; tests call it with their own settings."""
+    settings = settings or get_settings()
+    configure_logging(settings.LOGLEVEL)
+    app = FastAPI(
+        title="orders-api",
+        version="0.1.0",
+        summary="Place and track orders; every change is emitted as an event on RabbitMQ.",
+        lifespan=lifespan,
+        default_response_class=ORJSONResponse,
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+        swagger_ui_parameters={"persistAuthorization": True},
+    )
+    app.state.settings = settings
+
+    credentials = "*" not in settings.ENV_ALLOWED_ORIGINS
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.ENV_ALLOWED_ORIGINS,
+        allow_credentials=credentials,
+        allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+        allow_headers=CORS_ALLOW_HEADERS,
+        expose_headers=CORS_EXPOSE_HEADERS,
+        max_age=600,
+    )
+    # Added last, so it is the outermost: every response, CORS ones included, gets an id.
+    app.add_middleware(RequestContextMiddleware)
+
+    app.add_exception_handler(StarletteHTTPException, handle_http_error)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
+    app.add_exception_handler(sa_exc.DBAPIError, handle_database_error)
+    app.add_exception_handler(sa_exc.TimeoutError, handle_unavailable)
+    app.add_exception_handler(RabbitUnavailable, handle_unavailable)
+    app.add_exception_handler(ConnectionError, handle_unavailable)
+    app.add_exception_handler(TimeoutError, handle_unavailable)
+
+    app.include_router(ping.router)
+    return app

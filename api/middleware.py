@@ -1,0 +1,161 @@
+"""The outermost ASGI middleware: request id, body limit, access log line and metrics.
+
+It is plain ASGI (no `BaseHTTPMiddleware`), so a request costs one wrapper call and
+streaming responses are not buffered.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import PROBLEM_CONTENT_TYPE, InternalError, PayloadTooLarge, problem_body
+from api.helpers.logger import request_id_var
+from api.helpers.orjson_coder import dumps
+from api.metrics import HTTP_LATENCY, HTTP_REQUESTS
+
+MAX_BODY_BYTES = 1024 * 1024
+_REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+
+access_log = logging.getLogger("api.access")
+
+
+def _incoming_request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            if _REQUEST_ID_RE.match(value):
+                return bytes(value).decode("ascii")
+            break
+    return str(uuid.uuid4())
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+class RequestContextMiddleware:
+    """Assigns `X-Request-ID`, caps bodies at 1 MiB, logs one JSON line and records metrics."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        started = time.perf_counter()
+        request_id = _incoming_request_id(scope)
+        token = request_id_var.set(request_id)
+        state: dict[str, Any] = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        header_value = request_id.encode("ascii")
+        status = 500
+        started_response = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started_response
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                started_response = True
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", header_value)]
+            await send(message)
+
+        received = 0
+        limit = self.max_body_bytes
+
+        async def receive_capped() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLarge(f"Request bodies are limited to {limit} bytes.")
+            return message
+
+        try:
+            length = _content_length(scope)
+            if length is not None and length > limit:
+                await self._send_problem(
+                    scope,
+                    send_with_id,
+                    request_id,
+                    PayloadTooLarge.status,
+                    PayloadTooLarge.slug,
+                    f"Request bodies are limited to {limit} bytes.",
+                    close=True,
+                )
+            else:
+                await self.app(scope, receive_capped, send_with_id)
+        except Exception:
+            # The one place an unexpected fault becomes a response: a generic 500
+            # problem with the request id, the trace only in the log.
+            access_log.exception("unhandled error")
+            if not started_response:
+                await self._send_problem(
+                    scope,
+                    send_with_id,
+                    request_id,
+                    InternalError.status,
+                    InternalError.slug,
+                    "An unexpected error occurred.",
+                )
+        finally:
+            duration = time.perf_counter() - started
+            route = scope.get("route")
+            template = getattr(route, "path_format", None) or "unmatched"
+            method = scope["method"]
+            HTTP_REQUESTS.labels(method, template, str(status)).inc()
+            HTTP_LATENCY.labels(method, template).observe(duration)
+            access_log.info(
+                "request",
+                extra={
+                    "method": method,
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round(duration * 1000, 2),
+                    "user_id": state.get("user_id"),
+                },
+            )
+            request_id_var.reset(token)
+
+    async def _send_problem(
+        self,
+        scope: Scope,
+        send: Send,
+        request_id: str,
+        status: int,
+        slug: str,
+        detail: str,
+        *,
+        close: bool = False,
+    ) -> None:
+        body = dumps(
+            problem_body(
+                status=status,
+                slug=slug,
+                detail=detail,
+                instance=scope["path"],
+                request_id=request_id,
+            )
+        )
+        headers = [
+            (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        if close:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,16 @@
+"""ORM models; importing this package registers every table on `Base.metadata`."""
+
+from api.models.base import Base
+from api.models.order import IdempotencyKey, Order
+from api.models.outbox import OutboxEvent, ProcessedMessage
+from api.models.user import RefreshToken, User
+
+__all__ = [
+    "Base",
+    "IdempotencyKey",
+    "Order",
+    "OutboxEvent",
+    "ProcessedMessage",
+    "RefreshToken",
+    "User",
+]

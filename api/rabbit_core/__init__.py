@@ -1,0 +1,1 @@
+"""rabbit_core package."""

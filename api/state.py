@@ -1,0 +1,25 @@
+"""The typed state the lifespan opens and every request can reach as `request.state`."""
+
+from __future__ import annotations
+
+from typing import TypedDict, cast
+
+from fastapi import Request
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from api.configs import Settings
+from api.rabbit_core.client import RabbitClient
+
+
+class AppState(TypedDict):
+    settings: Settings
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+    redis: Redis
+    rabbit: RabbitClient
+
+
+def get_state(request: Request) -> AppState:
+    """The lifespan state, which the server copies into every request's scope."""
+    return cast(AppState, request.scope["state"])

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Make sure PostgreSQL, Redis and RabbitMQ answer on their configured addresses,
+# starting a local one that is installed but stopped. Then create the database if
+# it is missing. Exits non-zero with one line naming what is missing.
+#
+#   scripts/services.sh            # check/start all three, create POSTGRES_DB
+#   scripts/services.sh --no-db    # only the services
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+# Values from .env (if any) without overriding the environment.
+if [[ -f .env ]]; then
+  while IFS='=' read -r key value; do
+    [[ -z "$key" || "$key" == \#* ]] && continue
+    [[ -z "${!key+x}" ]] && export "$key=$value"
+  done < .env
+fi
+
+PGHOST_=${POSTGRES_HOST:-127.0.0.1}; PGPORT_=${POSTGRES_PORT:-5432}
+REDIS_HOST_=${REDIS_HOST:-127.0.0.1}; REDIS_PORT_=${REDIS_PORT:-6379}
+RMQ_HOST_=${RMQ_HOST:-127.0.0.1}; RMQ_PORT_=${RMQ_PORT:-5672}
+
+compose_hint="or start them with: docker compose up -d postgres redis rabbitmq"
+
+answers() { # host port
+  timeout 1 bash -c "exec 3<>/dev/tcp/$1/$2" 2>/dev/null
+}
+
+is_local() { [[ "$1" == 127.0.0.1 || "$1" == localhost || "$1" == ::1 ]]; }
+
+wait_for() { # name host port seconds
+  local i
+  for ((i = 0; i < $4 * 4; i++)); do
+    answers "$2" "$3" && return 0
+    sleep 0.25
+  done
+  return 1
+}
+
+fail() { echo "services: $1 is not answering on $2 ($compose_hint)" >&2; exit 1; }
+
+start_postgres() {
+  command -v pg_ctlcluster >/dev/null || return 1
+  local version
+  version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
+  [[ -n "$version" ]] || return 1
+  pg_ctlcluster --skip-systemctl-redirect "$version" main start >/dev/null 2>&1 || true
+}
+
+start_redis() {
+  command -v redis-server >/dev/null || return 1
+  mkdir -p /var/lib/redis /var/log/redis 2>/dev/null || true
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port "$REDIS_PORT_" --save "" \
+    --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log >/dev/null 2>&1 || true
+}
+
+start_rabbitmq() {
+  command -v rabbitmq-server >/dev/null || return 1
+  # A node that runs with its app stopped (rabbitmqctl stop_app) only needs start_app.
+  if command -v rabbitmqctl >/dev/null && timeout 10 rabbitmqctl -q ping >/dev/null 2>&1; then
+    timeout 30 rabbitmqctl -q start_app >/dev/null 2>&1 || true
+  else
+    rabbitmq-server -detached >/dev/null 2>&1 || true
+  fi
+}
+
+ensure() { # name host port starter seconds
+  local name=$1 host=$2 port=$3 starter=$4 seconds=$5
+  answers "$host" "$port" && return 0
+  if is_local "$host"; then
+    echo "services: $name is down on $host:$port, starting it" >&2
+    $starter || fail "$name" "$host:$port (not installed here)"
+    wait_for "$name" "$host" "$port" "$seconds" || fail "$name" "$host:$port"
+  else
+    fail "$name" "$host:$port"
+  fi
+}
+
+ensure PostgreSQL "$PGHOST_" "$PGPORT_" start_postgres 30
+ensure Redis "$REDIS_HOST_" "$REDIS_PORT_" start_redis 15
+ensure RabbitMQ "$RMQ_HOST_" "$RMQ_PORT_" start_rabbitmq 60
+
+if [[ "${1:-}" != "--no-db" ]]; then
+  uv run --frozen python -m api.cli create-database
+fi

@@ -1,0 +1,230 @@
+"""The skeleton: configuration, problem+json, request ids, body limit, CORS, probes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+
+from api.configs import EXAMPLE_JWT_SECRET
+from tests.services import rabbitmq_stopped, redis_stopped
+
+PROBLEM = "application/problem+json"
+
+
+def _load_settings_in_subprocess(**env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "JWT_", "APP_"))}
+    return subprocess.run(
+        [sys.executable, "-c", "from api.configs import load_settings; load_settings()"],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("POSTGRES_PORT", "not-a-port"), ("RATE_LIMIT_AUTH", "ten per minute"), ("WORKERS", "0")],
+)
+def test_bad_value_stops_startup_with_one_line_naming_it(variable: str, value: str) -> None:
+    result = _load_settings_in_subprocess(**{variable: value})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert variable in lines[0]
+    assert value not in lines[0]
+
+
+def test_production_refuses_the_example_jwt_secret() -> None:
+    result = _load_settings_in_subprocess(APP_ENV="production", JWT_SECRET_KEY=EXAMPLE_JWT_SECRET)
+    assert result.returncode == 2
+    assert "JWT_SECRET_KEY" in result.stderr
+    assert EXAMPLE_JWT_SECRET not in result.stderr
+
+
+def test_production_refuses_a_short_jwt_secret() -> None:
+    result = _load_settings_in_subprocess(APP_ENV="production", JWT_SECRET_KEY="short-secret")
+    assert result.returncode == 2
+    assert "JWT_SECRET_KEY" in result.stderr
+
+
+def test_production_accepts_a_strong_secret() -> None:
+    result = _load_settings_in_subprocess(APP_ENV="production", JWT_SECRET_KEY="s" * 48)
+    assert result.returncode == 0, result.stderr
+
+
+async def test_ping_answers_pass(client: httpx.AsyncClient) -> None:
+    for path in ("/ping", "/livez"):
+        response = await client.get(path)
+        assert response.status_code == 200
+        assert response.json() == {"status": "pass"}
+
+
+async def test_ready_passes_with_every_dependency_up(client: httpx.AsyncClient) -> None:
+    response = await client.get("/ping/ready")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/health+json")
+    body = response.json()
+    assert body["status"] == "pass", body
+    assert set(body["checks"]) == {"postgres", "redis", "rabbitmq"}
+    for check in body["checks"].values():
+        assert check["status"] == "pass"
+        assert isinstance(check["latency_ms"], float | int)
+
+
+async def test_unknown_route_is_problem_404(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v1/nothing-here")
+    assert response.status_code == 404
+    assert response.headers["content-type"] == PROBLEM
+    body = response.json()
+    assert body["type"] == "urn:orders-api:problem:not-found"
+    assert body["title"] == "Not Found"
+    assert body["status"] == 404
+    assert body["instance"] == "/v1/nothing-here"
+    assert body["request_id"] == response.headers["x-request-id"]
+
+
+async def test_wrong_method_is_problem_405(client: httpx.AsyncClient) -> None:
+    response = await client.request("TRACE", "/ping")
+    assert response.status_code == 405
+    assert response.json()["type"] == "urn:orders-api:problem:method-not-allowed"
+    assert "GET" in response.headers["allow"]
+
+
+async def test_request_id_is_echoed_when_valid(client: httpx.AsyncClient) -> None:
+    response = await client.get("/ping", headers={"X-Request-ID": "abc.DEF-123:x_y"})
+    assert response.headers["x-request-id"] == "abc.DEF-123:x_y"
+
+
+@pytest.mark.parametrize("bad", ["", "has space", "x" * 129, "semi;colon"])
+async def test_invalid_request_id_is_replaced_by_a_uuid(
+    client: httpx.AsyncClient, bad: str
+) -> None:
+    response = await client.get("/ping", headers={"X-Request-ID": bad})
+    generated = response.headers["x-request-id"]
+    assert generated != bad
+    assert len(generated) == 36
+
+
+async def test_body_over_one_mebibyte_is_413(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/v1/anything", content=b"x" * (1024 * 1024 + 1), headers={"Content-Type": "text/plain"}
+    )
+    assert response.status_code == 413
+    assert response.json()["type"] == "urn:orders-api:problem:payload-too-large"
+
+
+async def test_streamed_body_over_limit_without_length_is_413(
+    client: httpx.AsyncClient,
+) -> None:
+    async def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(17):
+            yield b"x" * 65536
+
+    response = await client.post("/ping", content=chunks())
+    # /ping takes no body: the route answers 405 before reading; any 4xx but never 500.
+    assert response.status_code in (405, 413)
+
+
+async def test_cors_preflight_allows_the_contract_headers(client: httpx.AsyncClient) -> None:
+    response = await client.options(
+        "/ping",
+        headers={
+            "Origin": "http://storefront.test",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "Authorization, Idempotency-Key, If-Match",
+        },
+    )
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == "http://storefront.test"
+    allowed = response.headers["access-control-allow-headers"].lower()
+    for header in (
+        "authorization",
+        "content-type",
+        "idempotency-key",
+        "if-match",
+        "if-none-match",
+        "x-request-id",
+    ):
+        assert header in allowed
+
+
+async def test_cors_refuses_unknown_origin(client: httpx.AsyncClient) -> None:
+    response = await client.options(
+        "/ping",
+        headers={"Origin": "http://evil.test", "Access-Control-Request-Method": "GET"},
+    )
+    assert "access-control-allow-origin" not in response.headers
+
+
+async def test_every_request_logs_one_json_line(
+    client: httpx.AsyncClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    capsys.readouterr()
+    await client.get("/ping", headers={"X-Request-ID": "log-line-check"})
+    lines = [
+        json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")
+    ]
+    request_lines = [line for line in lines if line.get("request_id") == "log-line-check"]
+    assert len(request_lines) == 1
+    line = request_lines[0]
+    for field in ("timestamp", "level", "message", "method", "path", "status", "duration_ms"):
+        assert field in line
+    assert line["status"] == 200
+    assert line["path"] == "/ping"
+
+
+async def test_metrics_are_prometheus_text(client: httpx.AsyncClient) -> None:
+    await client.get("/ping")
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    assert 'http_requests_total{method="GET",route="/ping",status="200"}' in response.text
+
+
+async def _ready(app: FastAPI) -> httpx.Response:
+    async with LifespanManager(app, startup_timeout=30) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/ping")).status_code == 200
+            return await client.get("/ping/ready")
+
+
+async def test_ready_fails_503_when_postgres_is_unreachable(
+    app_factory: Callable[..., FastAPI],
+) -> None:
+    response = await _ready(app_factory(POSTGRES_PORT=1, POSTGRES_CONNECT_TIMEOUT=0.5))
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "fail"
+    assert body["checks"]["postgres"]["status"] == "fail"
+
+
+async def test_ready_warns_when_redis_is_down(app_factory: Callable[..., FastAPI]) -> None:
+    async with redis_stopped():
+        response = await _ready(app_factory())
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "warn"
+    assert body["checks"]["redis"]["status"] == "fail"
+    assert body["checks"]["postgres"]["status"] == "pass"
+
+
+@pytest.mark.faults
+async def test_ready_warns_when_rabbitmq_is_down(app_factory: Callable[..., FastAPI]) -> None:
+    async with rabbitmq_stopped():
+        response = await _ready(app_factory())
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "warn"
+    assert body["checks"]["rabbitmq"]["status"] == "fail"
