@@ -1,0 +1,119 @@
+"""Order events: the CloudEvents 1.0 envelope written to the outbox (SPEC §8).
+
+The same Pydantic models generate the AsyncAPI document, so the contract and the
+bytes on the wire cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from api.helpers.enums import OrderStatus
+from api.helpers.orjson_coder import dumps
+from api.schemas.orders import OrderRead
+
+SOURCE: Literal["orders-api"] = "orders-api"
+CONTENT_TYPE = "application/cloudevents+json"
+
+
+class EventType(StrEnum):
+    """Event types, which are also the routing keys."""
+
+    CREATED = "order.created"
+    PAID = "order.paid"
+    SHIPPED = "order.shipped"
+    DELIVERED = "order.delivered"
+    CANCELLED = "order.cancelled"
+
+    @classmethod
+    def for_status(cls, status: OrderStatus) -> EventType:
+        """The event announcing that an order reached `status`."""
+        return _EVENT_FOR_STATUS[status]
+
+
+_EVENT_FOR_STATUS = {
+    OrderStatus.PENDING: EventType.CREATED,
+    OrderStatus.PAID: EventType.PAID,
+    OrderStatus.SHIPPED: EventType.SHIPPED,
+    OrderStatus.DELIVERED: EventType.DELIVERED,
+    OrderStatus.CANCELLED: EventType.CANCELLED,
+}
+
+
+class OrderEventData(OrderRead):
+    """The order body; `previous_status` is present on transitions only."""
+
+    previous_status: OrderStatus | None = Field(
+        default=None, description="The status before this change (absent on order.created)."
+    )
+
+
+class OrderEvent(BaseModel):
+    """A CloudEvents 1.0 structured-mode envelope."""
+
+    specversion: Literal["1.0"] = "1.0"
+    id: uuid.UUID = Field(description="Event id; also the AMQP message_id. Stable on redelivery.")
+    source: Literal["orders-api"] = SOURCE
+    type: EventType
+    subject: str = Field(description="The order id.")
+    time: datetime
+    datacontenttype: Literal["application/json"] = "application/json"
+    sequence: str = Field(
+        description="The order version as a decimal string (CloudEvents sequence extension)."
+    )
+    data: OrderEventData
+
+
+class StatusUpdateMessage(BaseModel):
+    """What a processor publishes to the status queue (with an AMQP `message_id`)."""
+
+    order_id: uuid.UUID
+    status: OrderStatus
+    reason: str | None = Field(default=None, max_length=1000)
+
+
+@dataclass(frozen=True, slots=True)
+class NewOutboxEvent:
+    """An event ready for the outbox: the envelope serialised once, here."""
+
+    event_id: uuid.UUID
+    routing_key: str
+    body: bytes
+    correlation_id: str | None
+
+
+def order_event(
+    order: OrderRead,
+    *,
+    event_type: EventType,
+    request_id: str | None,
+    previous_status: OrderStatus | None = None,
+) -> NewOutboxEvent:
+    """Build the envelope for a change to `order` (its state after the change)."""
+    event_id = uuid.uuid4()
+    data = order.model_dump(mode="json")
+    if previous_status is not None:
+        data["previous_status"] = previous_status.value
+    envelope = {
+        "specversion": "1.0",
+        "id": str(event_id),
+        "source": SOURCE,
+        "type": event_type.value,
+        "subject": str(order.id),
+        "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "datacontenttype": "application/json",
+        "sequence": str(order.version),
+        "data": data,
+    }
+    return NewOutboxEvent(
+        event_id=event_id,
+        routing_key=event_type.value,
+        body=dumps(envelope),
+        correlation_id=request_id,
+    )

@@ -1,0 +1,80 @@
+"""Order request and response bodies (SPEC §4)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+
+from api.helpers.enums import OrderStatus
+
+MAX_ITEMS = 100
+MAX_QUANTITY = 10_000
+MAX_UNIT_PRICE = 100_000_000
+MAX_METADATA_KEYS = 20
+
+Sku = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=40)]
+MetadataValue = Annotated[str, StringConstraints(max_length=500)]
+Quantity = Annotated[StrictInt, Field(ge=1, le=MAX_QUANTITY)]
+UnitPrice = Annotated[StrictInt, Field(ge=0, le=MAX_UNIT_PRICE)]
+
+
+class OrderItemCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sku: Sku
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+    quantity: Quantity
+    unit_price: UnitPrice = Field(description="Price of one unit in minor units (cents).")
+
+
+class OrderCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    currency: Currency = Field(description="ISO 4217 code, upper case.", examples=["EUR"])
+    items: list[OrderItemCreate] = Field(min_length=1, max_length=MAX_ITEMS)
+    metadata: dict[MetadataKey, MetadataValue] = Field(
+        default_factory=dict, max_length=MAX_METADATA_KEYS
+    )
+
+
+class OrderItemRead(BaseModel):
+    sku: str
+    name: str | None
+    quantity: int
+    unit_price: int
+    line_total: int
+
+
+class OrderRead(BaseModel):
+    """An order as clients and events see it; totals are computed by the server."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    status: OrderStatus
+    currency: str
+    items: list[OrderItemRead]
+    total_amount: int
+    metadata: dict[str, str]
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class OrderPage(BaseModel):
+    items: list[OrderRead]
+    next_cursor: str | None = Field(description="Opaque; pass as `cursor` for the next page.")
+
+
+class OrderStatusUpdate(BaseModel):
+    """Admin PATCH body: move the order through the state machine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: OrderStatus
