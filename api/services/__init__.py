@@ -1,0 +1,1 @@
+"""Domain operations shared by the HTTP routers and the queue consumers."""
