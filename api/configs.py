@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Annotated, Literal
 from urllib.parse import quote
 
@@ -146,6 +147,13 @@ class Settings(BaseSettings):
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
 
+    @field_validator("TRUSTED_PROXIES")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            ip_network(entry, strict=False)
+        return value
+
     @field_validator("RATE_LIMIT_DEFAULT", "RATE_LIMIT_AUTH", "RATE_LIMIT_ORDERS_CREATE")
     @classmethod
     def _rate_limit(cls, value: str) -> str:
@@ -183,6 +191,10 @@ class Settings(BaseSettings):
                 ("orders_create", self.RATE_LIMIT_ORDERS_CREATE),
             )
         }
+
+    @property
+    def trusted_proxy_networks(self) -> list[IPv4Network | IPv6Network]:
+        return [ip_network(entry, strict=False) for entry in self.TRUSTED_PROXIES]
 
     def postgres_url(self, database: str | None = None) -> URL:
         return URL.create(

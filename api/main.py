@@ -27,8 +27,10 @@ from api.helpers.logger import configure_logging
 from api.helpers.orjson_coder import ORJSONResponse
 from api.middleware import RequestContextMiddleware
 from api.rabbit_core.client import RabbitClient, RabbitUnavailable
+from api.redis_core.cache import ResponseCache
 from api.redis_core.client import create_redis
-from api.routers import ping
+from api.redis_core.rate_limiter import RateLimiter
+from api.routers import ping, rate_limits
 from api.state import AppState
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
             sessionmaker=create_sessionmaker(engine),
             redis=redis,
             rabbit=rabbit,
+            limiter=RateLimiter(redis, settings),
+            cache=ResponseCache(redis, settings),
+            trusted_proxies=settings.trusted_proxy_networks,
         )
     finally:
         await rabbit.close()
@@ -164,4 +169,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(TimeoutError, handle_unavailable)
 
     app.include_router(ping.router)
+    app.include_router(rate_limits.router)
     return app

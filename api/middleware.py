@@ -70,7 +70,12 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 started_response = True
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", header_value)]
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    (b"x-request-id", header_value),
+                    # Set by dependencies (rate-limit fields) for success and error alike.
+                    *state.get("response_headers", ()),
+                ]
             await send(message)
 
         received = 0

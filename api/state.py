@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TypedDict, cast
+from ipaddress import IPv4Network, IPv6Network
+from typing import TYPE_CHECKING, TypedDict, cast
 
 from fastapi import Request
 from redis.asyncio import Redis
@@ -11,6 +12,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from api.configs import Settings
 from api.rabbit_core.client import RabbitClient
 
+if TYPE_CHECKING:  # these modules read the state themselves
+    from api.redis_core.cache import ResponseCache
+    from api.redis_core.rate_limiter import RateLimiter
+
 
 class AppState(TypedDict):
     settings: Settings
@@ -18,6 +23,9 @@ class AppState(TypedDict):
     sessionmaker: async_sessionmaker[AsyncSession]
     redis: Redis
     rabbit: RabbitClient
+    limiter: RateLimiter
+    cache: ResponseCache
+    trusted_proxies: list[IPv4Network | IPv6Network]
 
 
 def get_state(request: Request) -> AppState:

@@ -1,0 +1,127 @@
+"""Per-viewer response cache for order reads, invalidated by generation counters.
+
+An entry is `<scope>:<generation>\\n<etag>\\n<body>`: the generation counter of the
+scope it was filled under (`user:<id>` for an owner, `all` for an admin), read
+*before* the database query that produced the body. Every committed write bumps
+the owner's counter and the admin counter, so an entry filled from a read that
+raced the write carries the old generation and is never served: no stale read
+after a write through this service, without deleting keys one by one.
+
+The counters and the entry are read in the rate limiter's round trip
+(`RateLimiter.hit(read_keys=...)`), so a hit costs one Redis call in all.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import uuid
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from api.configs import Settings
+from api.metrics import CACHE_LOOKUPS
+from api.redis_core.lua_script import BUMP_GENERATIONS
+
+logger = logging.getLogger(__name__)
+
+# Generations outlive every entry filled under them.
+GENERATION_TTL_SECONDS = 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class CachedResponse:
+    etag: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSlot:
+    """Where one viewer's view of one resource lives, and the counter it depends on."""
+
+    key: str
+    generation_key: str
+    scope: bytes
+
+
+class ResponseCache:
+    """Reads arrive through the limiter's script; fills and invalidations come here."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self._redis = redis
+        self._prefix = settings.REDIS_KEY_PREFIX
+        self.ttl = settings.REDIS_TTL_EXPIRE
+        self._bump = redis.register_script(BUMP_GENERATIONS)
+        # Owners whose invalidation failed (Redis away); bumped before the next read.
+        self._pending: set[uuid.UUID] = set()
+
+    def _generation_key(self, owner_id: uuid.UUID | None) -> str:
+        if owner_id is None:
+            return f"{self._prefix}cache:gen:all"
+        return f"{self._prefix}cache:gen:user:{owner_id}"
+
+    def slot(self, *, viewer_id: uuid.UUID, admin: bool, resource: str) -> CacheSlot:
+        """The entry for `resource` (e.g. `order:<id>`) as seen by this viewer."""
+        scope = b"all" if admin else b"user:" + str(viewer_id).encode()
+        return CacheSlot(
+            key=f"{self._prefix}cache:{viewer_id}:{resource}",
+            generation_key=self._generation_key(None if admin else viewer_id),
+            scope=scope,
+        )
+
+    @staticmethod
+    def read(
+        slot: CacheSlot, generation: bytes | None, entry: bytes | None
+    ) -> CachedResponse | None:
+        """The entry if it was filled under the current generation, else None (a miss)."""
+        if entry is None:
+            CACHE_LOOKUPS.labels("miss").inc()
+            return None
+        header, _, rest = entry.partition(b"\n")
+        etag, _, body = rest.partition(b"\n")
+        if header != slot.scope + b":" + (generation or b"0"):
+            CACHE_LOOKUPS.labels("miss").inc()
+            return None
+        CACHE_LOOKUPS.labels("hit").inc()
+        return CachedResponse(etag=etag.decode(), body=body)
+
+    async def store(
+        self, slot: CacheSlot, generation: bytes | None, response: CachedResponse
+    ) -> None:
+        """Fill the entry under the generation read before the query; failures only log."""
+        entry = b"".join(
+            (
+                slot.scope,
+                b":",
+                generation or b"0",
+                b"\n",
+                response.etag.encode(),
+                b"\n",
+                response.body,
+            )
+        )
+        try:
+            await self._redis.set(slot.key, entry, ex=self.ttl)
+        except (RedisError, OSError) as exc:
+            logger.warning("cache fill failed", extra={"error": type(exc).__name__})
+
+    async def invalidate(self, owner_id: uuid.UUID) -> bool:
+        """After a committed write to an order of `owner_id`: bump their and the admin counter."""
+        self._pending.add(owner_id)
+        return await self.flush_pending()
+
+    async def flush_pending(self) -> bool:
+        """Bump every owed generation; False (serve nothing from the cache) while that fails."""
+        if not self._pending:
+            return True
+        owners = list(self._pending)
+        keys = [self._generation_key(owner) for owner in owners] + [self._generation_key(None)]
+        try:
+            await self._bump(keys=keys, args=[GENERATION_TTL_SECONDS, secrets.randbelow(2**40) + 1])
+        except (RedisError, OSError) as exc:
+            logger.warning("cache invalidation failed", extra={"error": type(exc).__name__})
+            return False
+        self._pending.difference_update(owners)
+        return True
