@@ -59,7 +59,10 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         request_id = _incoming_request_id(scope)
         token = request_id_var.set(request_id)
-        state: dict[str, Any] = scope.setdefault("state", {})
+        # A per-request copy of the lifespan state (uvicorn copies it; other servers and
+        # test transports may hand every request the same dict).
+        state: dict[str, Any] = dict(scope.get("state", ()))
+        scope["state"] = state
         state["request_id"] = request_id
         header_value = request_id.encode("ascii")
         status = 500

@@ -23,6 +23,8 @@ def create_engine(settings: Settings, *, database: str | None = None) -> AsyncEn
     return create_async_engine(
         settings.postgres_url(database),
         echo=settings.POSTGRES_ECHO,
+        # Statement parameters (password hashes, tokens) never reach logs or tracebacks.
+        hide_parameters=True,
         pool_size=settings.POSTGRES_POOL_SIZE,
         max_overflow=settings.POSTGRES_MAX_OVERFLOW,
         pool_timeout=settings.POSTGRES_POOL_TIMEOUT,

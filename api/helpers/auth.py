@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,6 +24,7 @@ ISSUER = "orders-api"
 AUDIENCE = "orders-api"
 ACCESS = "access"
 REQUIRED_CLAIMS = ["sub", "exp", "iat", "nbf", "jti", "iss", "aud", "typ"]
+REFRESH_TOKEN_BYTES = 32
 
 # auto_error=False: our own 401 problem (with WWW-Authenticate) instead of FastAPI's.
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/v1/auth/token", auto_error=False)
@@ -85,6 +88,18 @@ def decode_access_token(settings: Settings, token: str) -> uuid.UUID:
         raise Unauthorized("The access token is not valid.") from None
 
 
+def new_refresh_token() -> tuple[str, bytes]:
+    """A fresh opaque refresh token and the digest the database stores for it."""
+    token = secrets.token_urlsafe(REFRESH_TOKEN_BYTES)
+    return token, hash_refresh_token(token)
+
+
+def hash_refresh_token(token: str) -> bytes:
+    """The SHA-256 digest under which a refresh token is stored and looked up."""
+    # 256 random bits need no slow hash: a leaked table stays useless, lookups stay cheap.
+    return hashlib.sha256(token.encode()).digest()
+
+
 async def get_current_user(
     request: Request,
     session: SessionDep,
@@ -102,6 +117,7 @@ async def get_current_user(
 
 
 async def require_admin(user: Annotated[Principal, Depends(get_current_user)]) -> Principal:
+    """The caller, when the database says they are an admin."""
     if not user.is_admin:
         raise Forbidden("This operation needs the admin role.")
     return user

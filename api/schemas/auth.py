@@ -1,0 +1,80 @@
+"""Auth request and response bodies (SPEC §4, auth rows)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+
+from api.helpers.enums import UserRole
+
+PASSWORD_MIN_LENGTH = 8
+PASSWORD_MAX_LENGTH = 1024
+REFRESH_TOKEN_MAX_LENGTH = 1024
+
+# EmailStr normalises the domain; the unique index compares whole addresses, so lower-case all.
+Email = Annotated[EmailStr, AfterValidator(str.lower)]
+NewPassword = Annotated[
+    str, StringConstraints(min_length=PASSWORD_MIN_LENGTH, max_length=PASSWORD_MAX_LENGTH)
+]
+# Login does not re-apply the registration policy, it only bounds the work a request may ask for.
+GivenPassword = Annotated[str, StringConstraints(min_length=1, max_length=PASSWORD_MAX_LENGTH)]
+RefreshTokenValue = Annotated[
+    str, StringConstraints(min_length=1, max_length=REFRESH_TOKEN_MAX_LENGTH)
+]
+
+
+class RegisterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    email: Email = Field(examples=["ada@example.com"])
+    password: NewPassword = Field(description="8 to 1024 characters.")
+    name: (
+        Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+        | None
+    ) = None
+
+
+class LoginRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    email: Email = Field(examples=["ada@example.com"])
+    password: GivenPassword
+
+
+class RefreshRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    refresh_token: RefreshTokenValue
+
+
+class UserRead(BaseModel):
+    """A user as `/v1/auth/me` and registration show it."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    email: str
+    name: str | None
+    role: UserRole
+    created_at: datetime
+
+
+class TokenPair(BaseModel):
+    """A bearer access token and the opaque refresh token that renews it."""
+
+    access_token: str
+    refresh_token: str
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105 (the OAuth2 token type)
+    expires_in: int = Field(description="Seconds until the access token expires.")
+
+
+class TokenForm(BaseModel):
+    """The OAuth2 password grant form (`username` is the email); client fields are ignored."""
+
+    grant_type: Literal["password"] | None = None
+    username: Email
+    password: GivenPassword
+    scope: str = ""
