@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -47,10 +47,30 @@ def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
 
 
+AfterCommit = Callable[[], Awaitable[object]]
+_AFTER_COMMIT = "after_commit"
+
+
+def after_commit(session: AsyncSession, callback: AfterCommit) -> None:
+    """Run `callback` once this session's transaction has committed (never on rollback)."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+
+
+async def run_after_commit(session: AsyncSession) -> None:
+    for callback in session.info.pop(_AFTER_COMMIT, ()):
+        await callback()
+
+
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """One transaction per request, committed when the endpoint returns."""
-    async with get_state(request)["sessionmaker"]() as session, session.begin():
-        yield session
+    """One transaction per request, committed when the endpoint returns.
+
+    After-commit callbacks (cache invalidation) run before the response is sent,
+    so the client's next read already sees its write.
+    """
+    async with get_state(request)["sessionmaker"]() as session:
+        async with session.begin():
+            yield session
+        await run_after_commit(session)
 
 
 # scope="function": the commit runs before the response is sent, so a failed

@@ -1,7 +1,7 @@
 """Per-viewer response cache for order reads, invalidated by generation counters.
 
 An entry is `<scope>:<generation>\\n<etag>\\n<body>`: the generation counter of the
-scope it was filled under (`user:<id>` for an owner, `all` for an admin), read
+scope it was filled under (`user` for an owner, `all` for an admin), read
 *before* the database query that produced the body. Every committed write bumps
 the owner's counter and the admin counter, so an entry filled from a read that
 raced the write carries the old generation and is never served: no stale read
@@ -38,12 +38,16 @@ class CachedResponse:
 
 
 @dataclass(frozen=True, slots=True)
-class CacheSlot:
-    """Where one viewer's view of one resource lives, and the counter it depends on."""
+class CacheKeys:
+    """One viewer's entry for one resource, and the two counters it may depend on."""
 
-    key: str
-    generation_key: str
-    scope: bytes
+    entry: str
+    user_generation: str
+    all_generation: str
+
+    def as_list(self) -> list[str]:
+        # The order `read` expects its values in.
+        return [self.user_generation, self.all_generation, self.entry]
 
 
 class ResponseCache:
@@ -62,48 +66,51 @@ class ResponseCache:
             return f"{self._prefix}cache:gen:all"
         return f"{self._prefix}cache:gen:user:{owner_id}"
 
-    def slot(self, *, viewer_id: uuid.UUID, admin: bool, resource: str) -> CacheSlot:
-        """The entry for `resource` (e.g. `order:<id>`) as seen by this viewer."""
-        scope = b"all" if admin else b"user:" + str(viewer_id).encode()
-        return CacheSlot(
-            key=f"{self._prefix}cache:{viewer_id}:{resource}",
-            generation_key=self._generation_key(None if admin else viewer_id),
-            scope=scope,
+    def keys(self, viewer_id: uuid.UUID, resource: str) -> CacheKeys:
+        """Where `viewer_id`'s view of `resource` (e.g. `order:<id>`) lives."""
+        return CacheKeys(
+            entry=f"{self._prefix}cache:{viewer_id}:{resource}",
+            user_generation=self._generation_key(viewer_id),
+            all_generation=self._generation_key(None),
         )
+
+    @property
+    def trustworthy(self) -> bool:
+        """False while an invalidation is owed: entries may then be stale, so bypass."""
+        return not self._pending
 
     @staticmethod
     def read(
-        slot: CacheSlot, generation: bytes | None, entry: bytes | None
-    ) -> CachedResponse | None:
-        """The entry if it was filled under the current generation, else None (a miss)."""
-        if entry is None:
-            CACHE_LOOKUPS.labels("miss").inc()
-            return None
-        header, _, rest = entry.partition(b"\n")
-        etag, _, body = rest.partition(b"\n")
-        if header != slot.scope + b":" + (generation or b"0"):
-            CACHE_LOOKUPS.labels("miss").inc()
-            return None
-        CACHE_LOOKUPS.labels("hit").inc()
-        return CachedResponse(etag=etag.decode(), body=body)
+        values: list[bytes | None],
+    ) -> tuple[CachedResponse | None, bytes | None, bytes | None]:
+        """(the entry if filled under its scope's current generation, user gen, all gen)."""
+        user_generation, all_generation, entry = values
+        cached = None
+        if entry is not None:
+            header, _, rest = entry.partition(b"\n")
+            scope, _, generation = header.partition(b":")
+            current = all_generation if scope == b"all" else user_generation
+            if generation == (current or b"0"):
+                etag, _, body = rest.partition(b"\n")
+                cached = CachedResponse(etag=etag.decode(), body=body)
+        CACHE_LOOKUPS.labels("hit" if cached is not None else "miss").inc()
+        return cached, user_generation, all_generation
 
     async def store(
-        self, slot: CacheSlot, generation: bytes | None, response: CachedResponse
+        self,
+        keys: CacheKeys,
+        *,
+        admin: bool,
+        generation: bytes | None,
+        response: CachedResponse,
     ) -> None:
         """Fill the entry under the generation read before the query; failures only log."""
+        scope = b"all" if admin else b"user"
         entry = b"".join(
-            (
-                slot.scope,
-                b":",
-                generation or b"0",
-                b"\n",
-                response.etag.encode(),
-                b"\n",
-                response.body,
-            )
+            (scope, b":", generation or b"0", b"\n", response.etag.encode(), b"\n", response.body)
         )
         try:
-            await self._redis.set(slot.key, entry, ex=self.ttl)
+            await self._redis.set(keys.entry, entry, ex=self.ttl)
         except (RedisError, OSError) as exc:
             logger.warning("cache fill failed", extra={"error": type(exc).__name__})
 

@@ -43,11 +43,14 @@ class OrderCreate(BaseModel):
 
 
 class OrderItemRead(BaseModel):
+    # Field order is the order PostgreSQL's JSONB keeps item keys in (shortest key first),
+    # so an order serialised from a row and from this model is the same bytes: a strong
+    # ETag promises byte-identical representations.
     sku: str
     name: str | None
     quantity: int
-    unit_price: int
     line_total: int
+    unit_price: int
 
 
 class OrderRead(BaseModel):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Row, func, select, update
+from sqlalchemy import Row, RowMapping, func, insert, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.helpers.enums import OrderStatus
@@ -69,3 +72,75 @@ async def set_order_status(
         .returning(*ORDER_COLUMNS)
     )
     return order_from_row(result.one())
+
+
+async def insert_order(
+    session: AsyncSession,
+    *,
+    order_id: uuid.UUID,
+    user_id: uuid.UUID,
+    currency: str,
+    items: list[dict[str, Any]],
+    total_amount: int,
+    metadata: dict[str, str],
+) -> RowMapping:
+    """Insert a new order (status and version from the column defaults) and return its row."""
+    result = await session.execute(
+        insert(Order)
+        .values(
+            id=order_id,
+            user_id=user_id,
+            currency=currency,
+            items=items,
+            total_amount=total_amount,
+            metadata_=metadata,
+        )
+        .returning(*ORDER_COLUMNS)
+    )
+    return result.mappings().one()
+
+
+async def get_order_mapping(
+    session: AsyncSession, *, order_id: uuid.UUID, owner_id: uuid.UUID | None
+) -> RowMapping | None:
+    """The order's row as a mapping (no model built), scoped to `owner_id` when given."""
+    query = select(*ORDER_COLUMNS).where(Order.id == order_id)
+    if owner_id is not None:
+        query = query.where(Order.user_id == owner_id)
+    return (await session.execute(query)).mappings().first()
+
+
+async def get_order_version(
+    session: AsyncSession, *, order_id: uuid.UUID, owner_id: uuid.UUID | None
+) -> int | None:
+    """The order's current version (unlocked), scoped to `owner_id` when given."""
+    query = select(Order.version).where(Order.id == order_id)
+    if owner_id is not None:
+        query = query.where(Order.user_id == owner_id)
+    version: int | None = (await session.execute(query)).scalar_one_or_none()
+    return version
+
+
+async def list_orders(
+    session: AsyncSession,
+    *,
+    owner_id: uuid.UUID | None,
+    status: OrderStatus | None,
+    before: tuple[datetime, uuid.UUID] | None,
+    limit: int,
+) -> Sequence[RowMapping]:
+    """Up to `limit` orders, newest first, strictly after the keyset position `before`.
+
+    Every filter combination has a matching `(…, created_at, id)` index, so this is a
+    backward index scan that stops after `limit` rows, however deep the page.
+    """
+    query = select(*ORDER_COLUMNS)
+    if owner_id is not None:
+        query = query.where(Order.user_id == owner_id)
+    if status is not None:
+        query = query.where(Order.status == status.value)
+    if before is not None:
+        # A plain tuple on the right is bound with the column types of the left.
+        query = query.where(tuple_(Order.created_at, Order.id) < before)
+    query = query.order_by(Order.created_at.desc(), Order.id.desc()).limit(limit)
+    return (await session.execute(query)).mappings().all()
