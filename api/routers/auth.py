@@ -16,6 +16,7 @@ from api.database.query import users as user_queries
 from api.errors import Conflict, Unauthorized
 from api.helpers.auth import CurrentUser, create_access_token, hash_refresh_token, new_refresh_token
 from api.helpers.hashers import Verification, password_hashing
+from api.redis_core.rate_limiter import rate_limit
 from api.schemas.auth import (
     LoginRequest,
     RefreshRequest,
@@ -85,6 +86,7 @@ async def _issue_tokens(
     "/register",
     status_code=status.HTTP_201_CREATED,
     responses={409: {"description": "An account with this email already exists."}},
+    dependencies=[rate_limit("auth")],
 )
 async def register(body: RegisterRequest, request: Request, session: SessionDep) -> UserRead:
     """Create an account; the email is stored lower-cased and can be registered once."""
@@ -99,14 +101,14 @@ async def register(body: RegisterRequest, request: Request, session: SessionDep)
     return UserRead.model_validate(user)
 
 
-@router.post("/login", responses=_UNAUTHORIZED)
+@router.post("/login", responses=_UNAUTHORIZED, dependencies=[rate_limit("auth")])
 async def login(body: LoginRequest, request: Request, session: SessionDep) -> TokenPair:
     """Exchange email and password for a bearer access token and a refresh token."""
     user_id = await _authenticate(request, session, email=body.email, password=body.password)
     return await _issue_tokens(session, get_state(request)["settings"], user_id=user_id)
 
 
-@router.post("/token", responses=_UNAUTHORIZED)
+@router.post("/token", responses=_UNAUTHORIZED, dependencies=[rate_limit("auth")])
 async def token(
     form: Annotated[TokenForm, Form()], request: Request, session: SessionDep
 ) -> TokenPair:
@@ -115,7 +117,11 @@ async def token(
     return await _issue_tokens(session, get_state(request)["settings"], user_id=user_id)
 
 
-@router.post("/refresh", responses={401: {"description": INVALID_REFRESH_TOKEN}})
+@router.post(
+    "/refresh",
+    responses={401: {"description": INVALID_REFRESH_TOKEN}},
+    dependencies=[rate_limit("auth")],
+)
 async def refresh(body: RefreshRequest, request: Request) -> TokenPair:
     """Exchange a refresh token for a new pair; replaying a used one revokes its whole family."""
     state = get_state(request)
@@ -138,7 +144,9 @@ async def refresh(body: RefreshRequest, request: Request) -> TokenPair:
     raise Unauthorized(INVALID_REFRESH_TOKEN)
 
 
-@router.post("/logout", status_code=status.HTTP_204_NO_CONTENT)
+@router.post(
+    "/logout", status_code=status.HTTP_204_NO_CONTENT, dependencies=[rate_limit("default")]
+)
 async def logout(body: RefreshRequest, user: CurrentUser, session: SessionDep) -> None:
     """Revoke the family of one of the caller's refresh tokens.
 
@@ -150,7 +158,7 @@ async def logout(body: RefreshRequest, user: CurrentUser, session: SessionDep) -
     )
 
 
-@router.get("/me")
+@router.get("/me", dependencies=[rate_limit("default")])
 async def me(user: CurrentUser, session: SessionDep) -> UserRead:
     """The caller's account."""
     account = await user_queries.get_user(session, user_id=user.id)

@@ -21,12 +21,13 @@ from api.helpers.auth import Principal, get_current_user, oauth2_scheme
 from api.helpers.orjson_coder import dumps, loads
 from api.rabbit_core.client import RabbitUnavailable
 from api.rabbit_core.rpc import RpcTimeout, RpcUnroutable
+from api.redis_core.rate_limiter import rate_limit
 from api.schemas.redirect import BASE64, RedirectReply, RedirectRequest
 from api.state import get_state
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/v1/redirect", tags=["redirect"])
+router = APIRouter(prefix="/v1/redirect", tags=["redirect"], dependencies=[rate_limit("default")])
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
