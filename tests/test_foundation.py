@@ -5,14 +5,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api.configs import EXAMPLE_JWT_SECRET
+from api.configs import EXAMPLE_JWT_SECRET, Settings
+from tests.factories import make_order, make_user
 from tests.services import rabbitmq_stopped, redis_stopped
 
 PROBLEM = "application/problem+json"
@@ -228,3 +232,33 @@ async def test_ready_warns_when_rabbitmq_is_down(app_factory: Callable[..., Fast
     body = response.json()
     assert body["status"] == "warn"
     assert body["checks"]["rabbitmq"]["status"] == "fail"
+
+
+async def test_query_over_the_transaction_timeout_is_503(
+    app_factory: Callable[..., FastAPI],
+    sessionmaker: async_sessionmaker[AsyncSession],
+    settings: Settings,
+) -> None:
+    """A row held by another transaction makes the cancel wait past statement_timeout."""
+    user = await make_user(sessionmaker, settings)
+    app = app_factory(POSTGRES_TRANSACTION_TIMEOUT=0.5)
+    async with LifespanManager(app, startup_timeout=30) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            order = await make_order(client, user)
+            async with sessionmaker() as session, session.begin():
+                await session.execute(
+                    text("SELECT 1 FROM orders WHERE id = :id FOR UPDATE"), {"id": order["id"]}
+                )
+                started = time.perf_counter()
+                blocked = await client.post(
+                    f"/v1/orders/{order['id']}/cancel", headers=user.headers
+                )
+                waited = time.perf_counter() - started
+            after = await client.post(f"/v1/orders/{order['id']}/cancel", headers=user.headers)
+    assert blocked.status_code == 503
+    assert blocked.headers["content-type"] == PROBLEM
+    assert blocked.json()["type"] == "urn:orders-api:problem:service-unavailable"
+    assert "Traceback" not in blocked.text
+    assert waited < 0.5 + 1.0
+    assert after.status_code == 200
