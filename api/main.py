@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -23,14 +24,18 @@ from api.errors import (
     ValidationFailed,
     problem_body,
 )
+from api.event_workers import EventWorkers
 from api.helpers.logger import configure_logging
 from api.helpers.orjson_coder import ORJSONResponse
 from api.middleware import RequestContextMiddleware
 from api.rabbit_core.client import RabbitClient, RabbitUnavailable
+from api.rabbit_core.rpc import RpcClient
 from api.redis_core.cache import ResponseCache
 from api.redis_core.client import create_redis
 from api.redis_core.rate_limiter import RateLimiter
-from api.routers import ping, rate_limits
+from api.routers import auth, events, orders, ping, rate_limits, redirect
+from api.schemas.orders import OrderRead
+from api.services.idempotency_sweeper import IdempotencyKeySweeper
 from api.state import AppState
 
 logger = logging.getLogger(__name__)
@@ -67,18 +72,36 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
     redis = create_redis(settings)
     rabbit = RabbitClient(settings)
     await rabbit.start()
+    rpc = RpcClient(rabbit)
+    await rpc.start()
+    sessionmaker = create_sessionmaker(engine)
+    idempotency_sweeper = IdempotencyKeySweeper(sessionmaker)
+    idempotency_sweeper.start()
+    cache = ResponseCache(redis, settings)
+
+    async def invalidate_cache(order: OrderRead) -> None:
+        await cache.invalidate(order.user_id)
+
+    # Status changes from processors make cached reads stale like API writes do.
+    event_workers = EventWorkers(settings, sessionmaker, rabbit, on_status_applied=invalidate_cache)
+    await event_workers.start()
     try:
         yield AppState(
             settings=settings,
             engine=engine,
-            sessionmaker=create_sessionmaker(engine),
+            sessionmaker=sessionmaker,
             redis=redis,
             rabbit=rabbit,
+            rpc=rpc,
             limiter=RateLimiter(redis, settings),
-            cache=ResponseCache(redis, settings),
+            cache=cache,
             trusted_proxies=settings.trusted_proxy_networks,
         )
     finally:
+        # First: the relay finishes its batch, the status consumer its in-flight messages.
+        await event_workers.stop()
+        await idempotency_sweeper.close()
+        await rpc.close()
         await rabbit.close()
         await redis.aclose()
         await engine.dispose()
@@ -121,11 +144,33 @@ async def handle_unavailable(request: Request, exc: Exception) -> Response:
     return _problem(request, ServiceUnavailable("A backing service is unavailable; retry shortly."))
 
 
-async def handle_database_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, sa_exc.DBAPIError)
+# PostgreSQL answers that mean "not now" rather than "your request is wrong".
+_UNAVAILABLE_CAUSES = (
+    asyncpg.PostgresConnectionError,  # admin shutdown, cannot connect now, too many clients
+    asyncpg.InterfaceError,
+    asyncpg.OperatorInterventionError,  # statement_timeout, admin shutdown
+    asyncpg.InsufficientResourcesError,
+    OSError,
+    TimeoutError,
+)
+
+
+def _is_unavailable(exc: sa_exc.DBAPIError) -> bool:
     if exc.connection_invalidated or isinstance(
         exc, sa_exc.OperationalError | sa_exc.InterfaceError
     ):
+        return True
+    cause: BaseException | None = exc.orig
+    while cause is not None:
+        if isinstance(cause, _UNAVAILABLE_CAUSES):
+            return True
+        cause = cause.__cause__
+    return False
+
+
+async def handle_database_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, sa_exc.DBAPIError)
+    if _is_unavailable(exc):
         return await handle_unavailable(request, exc)
     raise exc
 
@@ -169,5 +214,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(TimeoutError, handle_unavailable)
 
     app.include_router(ping.router)
+    app.include_router(auth.router)
+    app.include_router(orders.router)
     app.include_router(rate_limits.router)
+    app.include_router(redirect.router)
+    app.include_router(events.router)
     return app

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from api.configs import Settings
 from api.rabbit_core.client import RabbitClient
+from api.rabbit_core.rpc import RpcClient
 
 if TYPE_CHECKING:  # these modules read the state themselves
     from api.redis_core.cache import ResponseCache
@@ -23,6 +24,7 @@ class AppState(TypedDict):
     sessionmaker: async_sessionmaker[AsyncSession]
     redis: Redis
     rabbit: RabbitClient
+    rpc: RpcClient
     limiter: RateLimiter
     cache: ResponseCache
     trusted_proxies: list[IPv4Network | IPv6Network]

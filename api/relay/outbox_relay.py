@@ -1,0 +1,228 @@
+"""The outbox relay: moves committed events from PostgreSQL to RabbitMQ, at least once.
+
+A batch is claimed with `FOR UPDATE SKIP LOCKED`, published, confirmed and marked
+sent inside one transaction, so relays in many processes never publish the same
+row at once, and a relay that dies mid-batch leaves its rows for the next one (a
+duplicate then keeps its event id). Wakes on NOTIFY, polls as a fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from api.configs import Settings
+from api.database.query import outbox as outbox_queries
+from api.database.query.outbox import ClaimedEvent
+from api.metrics import OUTBOX_BACKLOG, OUTBOX_FAILED, OUTBOX_PUBLISHED
+from api.rabbit_core.client import RabbitClient, RabbitUnavailable
+from api.rabbit_core.publisher import EventPublisher, describe_failure
+from api.relay.notifications import OutboxNotifications
+
+logger = logging.getLogger(__name__)
+
+INITIAL_BACKOFF = 0.5
+MAX_BACKOFF = 5.0
+BACKLOG_REFRESH_INTERVAL = 1.0
+CLEANUP_INTERVAL = 60.0
+CLEANUP_BATCH_SIZE = 1000
+# Bounds one cleanup pass; the rest goes on the next pass.
+CLEANUP_MAX_BATCHES = 20
+# Batches in flight per relay: one claims and marks in PostgreSQL while another awaits
+# its confirms, so database round trips do not stall publishing.
+DEFAULT_LANES = 2
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    claimed: int
+    failed: int
+    error: BaseException | None = None
+
+
+class Backoff:
+    """Capped exponential delays with ±20 % jitter, so relays do not retry in lockstep."""
+
+    def __init__(self, initial: float = INITIAL_BACKOFF, cap: float = MAX_BACKOFF) -> None:
+        self._initial = initial
+        self._cap = cap
+        self._next = initial
+
+    def next(self) -> float:
+        delay = self._next
+        self._next = min(self._next * 2, self._cap)
+        return delay * random.uniform(0.8, 1.2)
+
+    def reset(self) -> None:
+        self._next = self._initial
+
+
+class OutboxRelay:
+    """The relay of one process (a few lanes of batches); safe in many processes at once."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        rabbit: RabbitClient,
+        *,
+        lanes: int = DEFAULT_LANES,
+    ) -> None:
+        self._lanes = lanes
+        self._sessionmaker = sessionmaker
+        self._rabbit = rabbit
+        self._batch_size = settings.OUTBOX_BATCH_SIZE
+        self._poll_interval = settings.OUTBOX_POLL_INTERVAL
+        self._retention = timedelta(hours=settings.OUTBOX_RETENTION_HOURS)
+        # The claim transaction stays open while the batch is confirmed; the confirm wait
+        # must end before PostgreSQL's idle-in-transaction timeout kills the session.
+        self.publish_timeout = max(0.1, settings.POSTGRES_TRANSACTION_TIMEOUT * 0.8)
+        self._publisher = EventPublisher(rabbit, timeout=self.publish_timeout)
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._notifications = OutboxNotifications(settings, self._wake.set)
+        self._task: asyncio.Future[list[None]] | None = None
+        self._failing = False
+        # Events this relay has had confirmed and marked sent (also in OUTBOX_PUBLISHED).
+        self.published = 0
+        self._next_backlog_refresh = 0.0
+        self._next_cleanup = 0.0
+
+    async def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("OutboxRelay.start() may be called once")
+        await self._notifications.start()
+        self._task = asyncio.gather(
+            *(
+                asyncio.create_task(self._run(housekeeper=lane == 0), name=f"outbox-relay-{lane}")
+                for lane in range(self._lanes)
+            )
+        )
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Finish the batch in hand, then stop; a batch still running after `timeout` rolls back."""
+        self._stopping.set()
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(
+                    asyncio.shield(self._task), timeout or self.publish_timeout + 5
+                )
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        await self._notifications.close()
+        await self._publisher.close()
+
+    async def _run(self, *, housekeeper: bool) -> None:
+        """One lane: claim, publish and mark batches until stopped; sleep when there is none."""
+        backoff = Backoff()
+        while not self._stopping.is_set():
+            self._wake.clear()
+            if housekeeper:
+                await self._housekeeping()
+            try:
+                result = await self._relay_batch()
+            except Exception as exc:  # PostgreSQL or RabbitMQ away: retry later, never die
+                result = BatchResult(claimed=0, failed=1, error=exc)
+            if result.error is not None:
+                self._note_failure(result)
+                await self._sleep_until(self._stopping, backoff.next())
+                continue
+            self._note_success()
+            backoff.reset()
+            if result.claimed < self._batch_size:
+                if housekeeper:
+                    self._next_backlog_refresh = 0.0
+                    await self._housekeeping()
+                await self._sleep_until(self._wake, self._poll_interval)
+
+    async def _relay_batch(self) -> BatchResult:
+        """Claim, publish, confirm and mark one batch in one transaction."""
+        if not self._rabbit.is_connected:
+            raise RabbitUnavailable("RabbitMQ is not connected")
+        async with self._sessionmaker() as session, session.begin():
+            events = await outbox_queries.claim_outbox_batch(session, limit=self._batch_size)
+            if not events:
+                return BatchResult(claimed=0, failed=0)
+            outcomes = await self._publisher.publish_batch(events)
+            sent, failed, error = _split(events, outcomes)
+            await outbox_queries.mark_outbox_sent(session, ids=sent)
+            if error is not None:
+                await outbox_queries.record_outbox_failure(
+                    session, ids=failed, error=describe_failure(error)
+                )
+        OUTBOX_PUBLISHED.inc(len(sent))
+        self.published += len(sent)
+        if failed:
+            OUTBOX_FAILED.inc(len(failed))
+        return BatchResult(claimed=len(events), failed=len(failed), error=error)
+
+    async def _housekeeping(self) -> None:
+        now = time.monotonic()
+        try:
+            if now >= self._next_backlog_refresh:
+                self._next_backlog_refresh = now + BACKLOG_REFRESH_INTERVAL
+                async with self._sessionmaker() as session, session.begin():
+                    OUTBOX_BACKLOG.set(await outbox_queries.count_outbox_backlog(session))
+            if now >= self._next_cleanup:
+                self._next_cleanup = now + CLEANUP_INTERVAL
+                await self._delete_old_sent_events()
+        except Exception as exc:  # housekeeping never stops the relay
+            logger.debug("outbox housekeeping failed", extra={"error": type(exc).__name__})
+
+    async def _delete_old_sent_events(self) -> None:
+        """Delete sent rows past retention in small batches, so no long lock is held."""
+        for _ in range(CLEANUP_MAX_BATCHES):
+            if self._stopping.is_set():
+                return
+            async with self._sessionmaker() as session, session.begin():
+                deleted = await outbox_queries.delete_sent_outbox_events(
+                    session, older_than=self._retention, limit=CLEANUP_BATCH_SIZE
+                )
+            if deleted < CLEANUP_BATCH_SIZE:
+                return
+
+    def _note_failure(self, result: BatchResult) -> None:
+        assert result.error is not None
+        extra = {"error": describe_failure(result.error), "failed": result.failed}
+        if not self._failing:
+            logger.warning("outbox relay cannot publish, backing off", extra=extra)
+        else:
+            logger.debug("outbox relay still cannot publish", extra=extra)
+        self._failing = True
+
+    def _note_success(self) -> None:
+        if self._failing:
+            logger.info("outbox relay publishing again")
+        self._failing = False
+
+    @staticmethod
+    async def _sleep_until(event: asyncio.Event, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), seconds)
+
+
+def _split(
+    events: Sequence[ClaimedEvent], outcomes: Sequence[BaseException | None]
+) -> tuple[list[int], list[int], BaseException | None]:
+    """Row ids confirmed, row ids failed, and the first failure."""
+    sent: list[int] = []
+    failed: list[int] = []
+    first_error: BaseException | None = None
+    for event, outcome in zip(events, outcomes, strict=True):
+        if outcome is None:
+            sent.append(event.id)
+        else:
+            failed.append(event.id)
+            first_error = first_error or outcome
+    return sent, failed, first_error
