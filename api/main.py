@@ -11,9 +11,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
+from fastapi.routing import iter_route_contexts
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api import openapi
 from api.configs import Settings, get_settings
 from api.database.connection import create_engine, create_sessionmaker
 from api.errors import (
@@ -31,6 +33,7 @@ from api.middleware import RequestContextMiddleware
 from api.rabbit_core.client import RabbitClient, RabbitUnavailable
 from api.rabbit_core.rpc import RpcClient
 from api.redis_core.cache import ResponseCache
+from api.redis_core.circuit import RedisCircuit
 from api.redis_core.client import create_redis
 from api.redis_core.rate_limiter import RateLimiter
 from api.routers import auth, events, orders, ping, rate_limits, redirect
@@ -77,7 +80,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
     sessionmaker = create_sessionmaker(engine)
     idempotency_sweeper = IdempotencyKeySweeper(sessionmaker)
     idempotency_sweeper.start()
-    cache = ResponseCache(redis, settings)
+    # One circuit for the limiter and the cache: a hung Redis is noticed once, by both.
+    redis_circuit = RedisCircuit(redis)
+    cache = ResponseCache(redis, settings, redis_circuit)
 
     async def invalidate_cache(order: OrderRead) -> None:
         await cache.invalidate(order.user_id)
@@ -93,7 +98,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
             redis=redis,
             rabbit=rabbit,
             rpc=rpc,
-            limiter=RateLimiter(redis, settings),
+            limiter=RateLimiter(redis, settings, redis_circuit),
             cache=cache,
             trusted_proxies=settings.trusted_proxy_networks,
         )
@@ -103,6 +108,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         await idempotency_sweeper.close()
         await rpc.close()
         await rabbit.close()
+        await redis_circuit.close()
         await redis.aclose()
         await engine.dispose()
 
@@ -123,8 +129,28 @@ def _problem(request: Request, exc: ProblemError | StarletteHTTPException) -> Re
     )
 
 
+NOT_UTF8_BODY = {"loc": ["body"], "msg": "JSON decode error: not UTF-8", "type": "json_invalid"}
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method the routes at this path serve, not only the first route's (RFC 9110 §15.5.6)."""
+    path = request.scope["path"]
+    methods: set[str] = set()
+    for route in iter_route_contexts(request.app.routes):
+        regex = getattr(route, "path_regex", None)
+        if route.methods and regex is not None and regex.match(path):
+            methods |= route.methods
+    return ", ".join(sorted(methods))
+
+
 async def handle_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 405:
+        headers = {**(exc.headers or {}), "Allow": allowed_methods(request)}
+        exc = StarletteHTTPException(405, exc.detail, headers=headers)
+    elif exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+        # FastAPI answers 400 for a JSON body that is not UTF-8; it is malformed JSON (SPEC §3).
+        exc = ValidationFailed("The request body is not valid JSON.", errors=[NOT_UTF8_BODY])
     return _problem(request, exc)
 
 
@@ -189,6 +215,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         openapi_url="/openapi.json",
         swagger_ui_parameters={"persistAuthorization": True},
+        # Metrics are ours (Prometheus); FastAPI's OpenTelemetry hooks would only add a
+        # per-request provider lookup.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
 
@@ -219,4 +248,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(rate_limits.router)
     app.include_router(redirect.router)
     app.include_router(events.router)
+    openapi.install(app)
     return app

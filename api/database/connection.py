@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -71,6 +72,13 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         async with session.begin():
             yield session
         await run_after_commit(session)
+
+
+@asynccontextmanager
+async def open_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """A transaction opened only when needed: cacheable reads touch the database on a miss."""
+    async with get_state(request)["sessionmaker"]() as session, session.begin():
+        yield session
 
 
 # scope="function": the commit runs before the response is sent, so a failed

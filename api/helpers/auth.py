@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
@@ -64,8 +66,23 @@ def create_access_token(
     return token, int(lifetime.total_seconds())
 
 
+# Tokens whose signature and claims were already checked: (secret, algorithm, token) ->
+# (user id, nbf, exp). A hit re-checks only the time window, so a busy client's
+# token is verified once, not on every request; bounded, least recently used out.
+_VERIFIED: OrderedDict[tuple[str, str, str], tuple[uuid.UUID, float, float]] = OrderedDict()
+_VERIFIED_MAX = 4096
+
+
 def decode_access_token(settings: Settings, token: str) -> uuid.UUID:
     """The user id of a valid access token; anything else is `Unauthorized`."""
+    key = (settings.JWT_SECRET_KEY.get_secret_value(), settings.JWT_ALGORITHM, token)
+    known = _VERIFIED.get(key)
+    if known is not None:
+        user_id, not_before, expires = known
+        if not_before <= time.time() < expires:
+            _VERIFIED.move_to_end(key)
+            return user_id
+        del _VERIFIED[key]
     try:
         claims: dict[str, Any] = jwt.decode(
             token,
@@ -83,9 +100,14 @@ def decode_access_token(settings: Settings, token: str) -> uuid.UUID:
     if claims.get("typ") != ACCESS:
         raise Unauthorized("The access token is not valid.")
     try:
-        return uuid.UUID(str(claims["sub"]))
-    except ValueError:
+        user_id = uuid.UUID(str(claims["sub"]))
+        window = (float(claims["nbf"]), float(claims["exp"]))
+    except (TypeError, ValueError):
         raise Unauthorized("The access token is not valid.") from None
+    _VERIFIED[key] = (user_id, *window)
+    if len(_VERIFIED) > _VERIFIED_MAX:
+        _VERIFIED.popitem(last=False)
+    return user_id
 
 
 def new_refresh_token() -> tuple[str, bytes]:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.database.connection import SessionDep, after_commit
+from api.database.connection import SessionDep, after_commit, open_session
 from api.database.query import orders as order_queries
 from api.errors import PROBLEM_CONTENT_TYPE, Forbidden, NotFound, ValidationFailed
 from api.helpers.auth import AdminUser, CurrentUser, Principal, get_current_user, oauth2_scheme
@@ -170,7 +170,6 @@ BearerToken = Annotated[str | None, Depends(oauth2_scheme)]
 @router.get("", response_model=OrderPage, responses=_problems(401, 403, 422, 429))
 async def list_orders(
     request: Request,
-    session: SessionDep,
     token: BearerToken,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[
@@ -186,17 +185,18 @@ async def list_orders(
     found = await read_through.lookup(request, token, page_key)
     if found.cached is not None:
         return Response(found.cached.body, media_type=JSON, headers=found.headers())
-    user = await get_current_user(request, session, token)
-    owner_id = owner_scope(user)
-    if user_id is not None:
-        if owner_id is None:
-            owner_id = user_id
-        elif user_id != owner_id:
-            raise Forbidden("Only admins may list another user's orders.")
     try:
-        body = await order_service.read_order_page(
-            session, owner_id=owner_id, status=status, cursor=cursor, limit=limit
-        )
+        async with open_session(request) as session:
+            user = await get_current_user(request, session, token)
+            owner_id = owner_scope(user)
+            if user_id is not None:
+                if owner_id is None:
+                    owner_id = user_id
+                elif user_id != owner_id:
+                    raise Forbidden("Only admins may list another user's orders.")
+            body = await order_service.read_order_page(
+                session, owner_id=owner_id, status=status, cursor=cursor, limit=limit
+            )
     except InvalidCursor as exc:
         raise ValidationFailed(
             "The request is not valid.",
@@ -214,7 +214,6 @@ async def list_orders(
 async def get_order(
     order_id: uuid.UUID,
     request: Request,
-    session: SessionDep,
     token: BearerToken,
     if_none_match: IfNoneMatch = None,
 ) -> Response:
@@ -223,10 +222,11 @@ async def get_order(
     if found.cached is not None:
         etag, body = found.cached.etag, found.cached.body
     else:
-        user = await get_current_user(request, session, token)
-        order = await order_service.read_order(
-            session, order_id=order_id, owner_id=owner_scope(user)
-        )
+        async with open_session(request) as session:
+            user = await get_current_user(request, session, token)
+            order = await order_service.read_order(
+                session, order_id=order_id, owner_id=owner_scope(user)
+            )
         if order is None:
             raise NotFound("No such order.")
         etag, body = order.etag, order.body
