@@ -29,7 +29,7 @@ def create_engine(settings: Settings, *, database: str | None = None) -> AsyncEn
         pool_size=settings.POSTGRES_POOL_SIZE,
         max_overflow=settings.POSTGRES_MAX_OVERFLOW,
         pool_timeout=settings.POSTGRES_POOL_TIMEOUT,
-        pool_pre_ping=True,
+        pool_pre_ping=settings.POSTGRES_POOL_PRE_PING,
         pool_recycle=1800,
         connect_args={
             "timeout": settings.POSTGRES_CONNECT_TIMEOUT,
