@@ -38,4 +38,8 @@ test: services lint ## lint, then the whole suite against the real services
 	@uv run --frozen pytest
 
 bench: services ## the benchmark: wrk against the service and a reference app
-	@uv run --frozen python -m bench
+	@uv sync --frozen --quiet --group bench
+	@uv run --frozen --group bench python -m bench
+
+fuzz: services ## Schemathesis, FUZZ_EXAMPLES (default 500) examples per operation and phase
+	@FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-500} uv run --frozen pytest tests/test_schemathesis.py -q --timeout 1800
