@@ -1,0 +1,510 @@
+"""The bench run: set up, start the processes, seed, drive the rounds, report, clean up.
+
+Every figure is a ratio of two measurements of the same run on the same machine:
+the service against a bare reference app, or the service against itself in another
+configuration. Rounds alternate over all scenarios, so drift (a noisy neighbour,
+a warming cache) is shared, and the median of the rounds is kept.
+
+The service (2 workers) and the reference app run for the whole bench. The two
+other configurations (limiter off, one worker) are started for their scenario and
+stopped after it, each time: idle pools keep PostgreSQL connections, and four
+deployments at once would need more than its default 100.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from api.configs import Settings
+from bench import checks, environment, noise, profiling, report, servers
+from bench.environment import Database, RunNames, SetupError
+from bench.progress import log
+from bench.reference_app import asyncpg_dsn, create_reference_table
+from bench.report import ComparisonResult, ScenarioResult
+from bench.scenarios import Comparison, Inputs, Scenario, build_comparisons, build_scenarios
+from bench.seed import ORDER_BODY_BYTES, create_orders, register_and_login, service_client
+from bench.servers import Deployment, Server
+from bench.wrk_runner import WrkError, WrkResult, ensure_wrk, run_wrk, wrk_version
+
+# Longer than the reference pool keeps an idle connection, so pools never add up.
+PAUSE_BETWEEN_RUNS = 1.5
+# The service scenarios the profile pass records.
+PROFILED = ("ping", "order_cached", "order_uncached", "order_list", "order_create")
+# A 1-minute load average above this before the run means the figures will be noisy.
+BUSY_LOAD = 1.0
+# The copies serve reads only; without their relays and consumers, the processes that
+# publish events are those of the measured deployment, as in production.
+BACKGROUND_OFF = {"OUTBOX_RELAY_ENABLED": "false", "STATUS_CONSUMER_ENABLED": "false"}
+
+
+class ConfigError(ValueError):
+    """A BENCH_* variable that is not a positive number."""
+
+
+@dataclass(frozen=True, slots=True)
+class BenchConfig:
+    """Knobs, from BENCH_* variables; the defaults keep a full run under 10 minutes."""
+
+    duration: float = 8.0
+    rounds: int = 3
+    warmup: float = 2.0
+    connections: int = 64
+    low_connections: int = 8
+    threads: int = 2
+    workers: int = 2
+    orders: int = 1000
+    outbox_backlog: int = 20_000
+    # 1: after the rounds, record py-spy profiles of the service under its main scenarios.
+    profile: int = 0
+
+    @classmethod
+    def from_env(cls) -> BenchConfig:
+        defaults = cls()
+        values: dict[str, Any] = {}
+        for name in cls.__dataclass_fields__:
+            raw = os.environ.get(f"BENCH_{name.upper()}")
+            if raw is None or raw == "":
+                continue
+            kind = type(getattr(defaults, name))
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise ConfigError(f"BENCH_{name.upper()}: expected a number, got {raw!r}") from None
+            if value < (0 if name in {"warmup", "profile"} else 1):
+                raise ConfigError(f"BENCH_{name.upper()}: must be positive")
+            values[name] = value
+        return cls(**values)
+
+
+@dataclass
+class Run:
+    """What the run started and created, so `finally` can undo all of it."""
+
+    config: BenchConfig
+    names: RunNames
+    settings: Settings
+    work_dir: Path
+    wrk: str
+    deployments: dict[str, Deployment] = field(default_factory=dict)
+    servers: dict[str, Server] = field(default_factory=dict)
+    database_created: bool = False
+    db: Database | None = None
+
+    @property
+    def database(self) -> Database:
+        assert self.db is not None, "the run's database connection is not open"
+        return self.db
+
+    @property
+    def base_env(self) -> dict[str, str]:
+        return {**os.environ, **self.names.env()}
+
+    def stop(self, name: str) -> None:
+        server = self.servers.pop(name, None)
+        if server is None:
+            return
+        try:
+            server.stop()
+        except Exception as exc:  # one stuck process must not leave the others running
+            log(f"stopping {name} failed: {exc}")
+
+    def stop_servers(self) -> None:
+        for name in list(self.servers):
+            self.stop(name)
+
+
+def main() -> int:
+    try:
+        config = BenchConfig.from_env()
+        wrk = ensure_wrk()
+        log("checking PostgreSQL, Redis and RabbitMQ")
+        environment.check_services()
+    except (ConfigError, WrkError, SetupError) as exc:
+        log(f"cannot run: {exc}")
+        return 2
+    names = RunNames.new()
+    run = Run(
+        config=config,
+        names=names,
+        settings=environment.run_settings(names),
+        work_dir=Path(tempfile.mkdtemp(prefix="orders-bench-")),
+        wrk=wrk,
+    )
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the cleanup below still runs.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return asyncio.run(bench(run))
+    except (SetupError, WrkError) as exc:
+        log(f"failed: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        log("cleaning up: processes, database, Redis keys, RabbitMQ names")
+        run.stop_servers()
+        if run.database_created:
+            asyncio.run(environment.clean_up(run.settings))
+        shutil.rmtree(run.work_dir, ignore_errors=True)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+async def bench(run: Run) -> int:
+    config = run.config
+    machine = environment.machine_info()
+    log(
+        f"run {run.names.suffix}: {config.rounds} rounds x {config.duration:g}s, "
+        f"{config.connections} connections, {config.workers} workers"
+    )
+    busy = os.getloadavg()[0]
+    if busy > BUSY_LOAD:
+        log(f"warning: load average {busy:.1f} before the run: other work will add noise")
+    log(f"creating database {run.settings.POSTGRES_DB} and migrating it")
+    await environment.create_database(run.settings)
+    run.database_created = True
+    await asyncio.to_thread(environment.migrate, run.base_env)
+    run.db = Database(asyncpg_dsn(run.settings))
+    try:
+        return await measure(run, machine)
+    finally:
+        await run.database.close()
+
+
+async def measure(run: Run, machine: dict[str, Any]) -> int:
+    config = run.config
+    await warn_about_connections(run)
+    reference_ids = await create_reference_table(
+        await run.database.connection(), rows=config.orders, payload=ORDER_BODY_BYTES
+    )
+    run.deployments = {
+        "service": Deployment("service", config.workers),
+        "no_limiter": Deployment(
+            "no_limiter",
+            config.workers,
+            overrides={"RATE_LIMIT_ENABLED": "false", **BACKGROUND_OFF},
+        ),
+        "one_worker": Deployment("one_worker", 1, overrides=BACKGROUND_OFF),
+    }
+    await start_servers(run)
+    inputs = await seed(run, reference_ids)
+    scenarios = build_scenarios(
+        inputs, connections=config.connections, low_connections=config.low_connections
+    )
+    results = {scenario.key: ScenarioResult(scenario) for scenario in scenarios}
+
+    await warm_up(run, results)
+    for round_number in range(1, config.rounds + 1):
+        await run_round(run, round_number, results, inputs)
+    if config.profile:
+        await profile_pass(run, scenarios)
+
+    comparisons = [
+        report.compare(item, results)
+        for item in build_comparisons(config.low_connections, config.connections)
+    ]
+    run.stop_servers()
+    comparisons.append(await measure_outbox(run))
+    machine["load_average_end"] = [round(value, 2) for value in os.getloadavg()]
+    machine["wrk"] = wrk_version(run.wrk)
+    publish(run, list(results.values()), comparisons, machine)
+    return 0
+
+
+async def warm_up(run: Run, results: dict[str, ScenarioResult]) -> None:
+    """Probe and warm up every scenario of the running servers (copies do it at each start)."""
+    seconds = run.config.warmup
+    if seconds:
+        log(f"warm-up: every scenario for {seconds:g}s")
+    for result in results.values():
+        if result.scenario.server not in run.servers:
+            continue
+        await probe_once(run, result)
+        if seconds:
+            await drive(run, result.scenario, seconds)
+            await asyncio.sleep(PAUSE_BETWEEN_RUNS)
+    await checks.quiesce(run.database)
+
+
+async def warn_about_connections(run: Run) -> None:
+    """Say so when PostgreSQL has few free connection slots: a full server fails the run."""
+    limit = int(await run.database.fetchval("SELECT current_setting('max_connections')::int"))
+    used = int(await run.database.fetchval("SELECT count(*) FROM pg_stat_activity"))
+    pools = run.settings.POSTGRES_POOL_SIZE + run.settings.POSTGRES_MAX_OVERFLOW
+    # The loaded deployment at its pools' peak, another one's idle pools, the relays.
+    needed = run.config.workers * (pools + run.settings.POSTGRES_POOL_SIZE) + 10
+    if limit - used < needed:
+        log(
+            f"warning: PostgreSQL has {limit - used} free connections of {limit}; "
+            f"the run may need about {needed}"
+        )
+
+
+async def start_servers(run: Run) -> None:
+    workers = run.config.workers
+    log(f"starting the service and the reference app ({workers} workers each)")
+    run.servers["service"] = servers.start_service(
+        run.deployments["service"], run.base_env, run.work_dir
+    )
+    run.servers["reference"] = servers.start_reference(run.base_env, run.work_dir, workers=workers)
+    for name, server in run.servers.items():
+        await asyncio.to_thread(server.wait_ready, "/json" if name == "reference" else "/ping")
+    log("both answer")
+
+
+@contextlib.asynccontextmanager
+async def deployment_copy(run: Run, name: str) -> AsyncIterator[Server]:
+    """Start a copy of the service in another configuration; stop it afterwards."""
+    server = servers.start_service(run.deployments[name], run.base_env, run.work_dir)
+    run.servers[name] = server
+    try:
+        await asyncio.to_thread(server.wait_ready, "/ping")
+        yield server
+    finally:
+        run.stop(name)
+
+
+def server_urls(run: Run) -> dict[str, str]:
+    urls = {name: deployment.url for name, deployment in run.deployments.items()}
+    urls["reference"] = run.servers["reference"].url
+    return urls
+
+
+async def seed(run: Run, reference_ids: list[str]) -> Inputs:
+    count = run.config.orders
+    async with service_client(run.servers["service"].url) as client:
+        log("seeding: registering a reader and a writer, logging them in")
+        reader = await register_and_login(client, "reader", run.names.suffix)
+        writer = await register_and_login(client, "writer", run.names.suffix)
+        log(f"seeding: {count} orders through POST /v1/orders")
+        started = time.monotonic()
+        order_ids = await create_orders(client, reader, count)
+        log(f"seeding: done in {time.monotonic() - started:.1f}s")
+    order_paths = run.work_dir / "order-paths.txt"
+    order_paths.write_text("".join(f"/v1/orders/{order_id}\n" for order_id in order_ids))
+    reference_paths = run.work_dir / "reference-paths.txt"
+    reference_paths.write_text("".join(f"/select/{row_id}\n" for row_id in reference_ids))
+    body_file = run.work_dir / "order.json"
+    body_file.write_bytes(ORDER_BODY_BYTES)
+    await checks.quiesce(run.database)
+    return Inputs(
+        urls=server_urls(run),
+        reader_token=reader.token,
+        writer_token=writer.token,
+        writer_id=writer.user_id,
+        cached_order_id=order_ids[0],
+        order_paths_file=order_paths,
+        reference_paths_file=reference_paths,
+        body_file=body_file,
+        body=ORDER_BODY_BYTES,
+    )
+
+
+async def probe_once(run: Run, result: ScenarioResult) -> None:
+    """Check the scenario's request is answered as it should be, the first time it runs."""
+    if result.probed:
+        return
+    result.probed = True
+    scenario = result.scenario
+    server = run.servers[scenario.server]
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        problems = await checks.probe(client, server.url, scenario.probe)
+    result.problems.extend(problems)
+    for problem in problems:
+        log(f"probe {scenario.key}: {problem}")
+    if any("answered 5" in problem for problem in problems):
+        log(f"{scenario.server} log:\n{server.log_tail()}")
+
+
+async def drive(run: Run, scenario: Scenario, seconds: float) -> WrkResult:
+    return await asyncio.to_thread(
+        run_wrk,
+        run.wrk,
+        scenario.load,
+        seconds=seconds,
+        connections=scenario.connections,
+        threads=run.config.threads,
+    )
+
+
+async def run_round(
+    run: Run, number: int, results: dict[str, ScenarioResult], inputs: Inputs
+) -> None:
+    for result in results.values():
+        name = result.scenario.server
+        if name in run.servers:
+            await measure_scenario(run, number, result, inputs)
+            continue
+        async with deployment_copy(run, name):
+            await probe_once(run, result)
+            if run.config.warmup:
+                await drive(run, result.scenario, run.config.warmup)
+            await measure_scenario(run, number, result, inputs)
+    await checks.quiesce(run.database)
+
+
+async def measure_scenario(run: Run, number: int, result: ScenarioResult, inputs: Inputs) -> None:
+    """One timed wrk run of the scenario, with the checks around it."""
+    scenario = result.scenario
+    writes = scenario.load.body_file is not None and scenario.server == "service"
+    before = await checks.count_orders(run.database, inputs.writer_id) if writes else 0
+    sessions = {os.getsid(0), *(server.process.pid for server in run.servers.values())}
+    cpu_before = noise.sample(sessions, run.settings.POSTGRES_DB)
+    outcome = await drive(run, scenario, run.config.duration)
+    others = noise.other_work(cpu_before, noise.sample(sessions, run.settings.POSTGRES_DB))
+    result.rounds.append(outcome)
+    result.loads.append(round(os.getloadavg()[0], 2))
+    result.other_cores.append(round(others.cores, 2))
+    result.other_top.append(others.top)
+    result.unattributed_cores.append(round(others.unattributed, 2))
+    errors = f", {outcome.error_count} errors {outcome.errors}" if outcome.error_count else ""
+    log(
+        f"round {number}/{run.config.rounds} {scenario.title}: {outcome.rps:,.0f} req/s, "
+        f"p50 {outcome.p50_ms:.2f} ms, p99 {outcome.p99_ms:.2f} ms, "
+        f"other work {others.cores:.2f} cores ({', '.join(others.top) or '-'}; "
+        f"unattributed {others.unattributed:.2f}){errors}"
+    )
+    if outcome.errors.get("status") and not result.notes:
+        # The first failing round shows why, from the server's own log.
+        tail = run.servers[scenario.server].log_tail(6)
+        result.notes.append(f"{scenario.server} log: {tail[-600:]}")
+        log(f"{scenario.server} log tail:\n{tail}")
+    if writes:
+        await checks.check_created(
+            run.database, result, user_id=inputs.writer_id, before=before, outcome=outcome
+        )
+    await asyncio.sleep(PAUSE_BETWEEN_RUNS)
+
+
+async def profile_pass(run: Run, scenarios: list[Scenario]) -> None:
+    """py-spy on the service under each of its main scenarios; not part of the figures."""
+    binary = profiling.find_py_spy()
+    if binary is None:
+        log("profile: py-spy is not on PATH (uv run --with py-spy python -m bench); skipped")
+        return
+    out_dir = report.RESULTS_DIR / "profiles"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    service = run.servers["service"]
+    for scenario in (item for item in scenarios if item.key in PROFILED):
+        stacks = out_dir / f"{scenario.key}.stacks"
+        recorder = profiling.start_recording(
+            binary, service.process.pid, run.config.duration, stacks
+        )
+        await drive(run, scenario, run.config.duration)
+        _, stderr = await asyncio.to_thread(recorder.communicate, timeout=60)
+        if recorder.returncode != 0 or not stacks.exists():
+            log(f"profile {scenario.key}: py-spy failed: {stderr.decode().strip()[-200:]}")
+            continue
+        summary = profiling.summarise(stacks, f"{scenario.title}, {run.config.workers} workers")
+        (out_dir / f"{scenario.key}.txt").write_text(summary + "\n")
+        log(f"profile {scenario.key}: {out_dir.relative_to(environment.ROOT)}/{scenario.key}.txt")
+        await checks.quiesce(run.database)
+
+
+async def measure_outbox(run: Run) -> ComparisonResult:
+    """The outbox drain against a raw batched-confirm publish, from `bench/outbox_drain.py`."""
+    comparison = Comparison(
+        "outbox", "outbox drain vs raw publish", "outbox_drain", "raw_publish", 0.80
+    )
+    measure_drain = _outbox_drain_function()
+    if measure_drain is None:
+        log("outbox drain: bench/outbox_drain.py has no measure_outbox_drain(); skipped")
+        return ComparisonResult(comparison, None, False, "bench/outbox_drain.py missing")
+    events = run.config.outbox_backlog
+    log(f"outbox drain: backlog of {events} events, relay vs raw aio-pika publish")
+    rates: dict[str, float] | None = None
+    for attempt in (1, 2):
+        try:
+            rates = await measure_drain(
+                events=events, rounds=min(run.config.rounds, 2), base=run.settings
+            )
+            break
+        except Exception as exc:  # the HTTP figures are kept whatever happens here
+            log(f"outbox drain failed: {type(exc).__name__}: {exc}")
+            if attempt == 2 or not await wait_for_rabbitmq(run.settings):
+                return ComparisonResult(comparison, None, False, f"failed: {type(exc).__name__}")
+            log("outbox drain: RabbitMQ answers again; trying once more")
+    assert rates is not None
+    relay, raw = rates["relay_events_per_s"], rates["raw_events_per_s"]
+    detail = f"{relay:,.0f} vs {raw:,.0f} events/s"
+    log(f"outbox drain: {detail}")
+    return ComparisonResult(comparison, relay / raw if raw else None, bool(raw), detail)
+
+
+async def wait_for_rabbitmq(settings: Settings, timeout: float = 60.0) -> bool:
+    """Whether RabbitMQ's port answers within `timeout` (it may be restarting under a test)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(settings.RMQ_HOST, settings.RMQ_PORT), 2
+            )
+        except (OSError, TimeoutError):
+            await asyncio.sleep(2)
+            continue
+        writer.close()
+        # The port opens before the broker accepts connections.
+        await asyncio.sleep(5)
+        return True
+    return False
+
+
+def _outbox_drain_function() -> Any:
+    """`measure_outbox_drain` of the events work, when that module is there."""
+    if importlib.util.find_spec("bench.outbox_drain") is None:
+        return None
+    module = importlib.import_module("bench.outbox_drain")
+    return getattr(module, "measure_outbox_drain", None)
+
+
+def publish(
+    run: Run,
+    results: list[ScenarioResult],
+    comparisons: list[ComparisonResult],
+    machine: dict[str, Any],
+) -> None:
+    config = run.config
+    print(report.render_table(results, comparisons, machine))
+    payload = {
+        "machine": machine,
+        "config": {
+            "duration_seconds": config.duration,
+            "rounds": config.rounds,
+            "warmup_seconds": config.warmup,
+            "connections": config.connections,
+            "low_connections": config.low_connections,
+            "wrk_threads": config.threads,
+            "workers": config.workers,
+            "seeded_orders": config.orders,
+            "outbox_backlog": config.outbox_backlog,
+            "statistic": "median of rounds",
+        },
+        "scenarios": [result.to_json() for result in results],
+        "comparisons": [item.to_json() for item in comparisons],
+    }
+    json_path = report.RESULTS_DIR / "latest.json"
+    report.write_json(json_path, payload)
+    png_path = report.RESULTS_DIR / "latest.png"
+    if report.write_chart(png_path, payload):
+        log(f"wrote {json_path.relative_to(environment.ROOT)} and {png_path.name}")
+    else:
+        log(
+            f"wrote {json_path.relative_to(environment.ROOT)}; no chart: matplotlib is missing "
+            "(uv run --group bench python -m bench.report draws it from latest.json)"
+        )
