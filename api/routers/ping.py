@@ -45,7 +45,18 @@ async def _probe(check: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
     return outcome
 
 
-@router.get("/ping/ready", summary="Readiness")
+_HEALTH: dict[str, Any] = {"content": {HEALTH_CONTENT_TYPE: {}}}
+
+
+@router.get(
+    "/ping/ready",
+    summary="Readiness",
+    response_class=Response,
+    responses={
+        200: {"description": "`pass`, or `warn` when Redis or RabbitMQ is down.", **_HEALTH},
+        503: {"description": "`fail`: PostgreSQL is down.", **_HEALTH},
+    },
+)
 @router.get("/readyz", include_in_schema=False)
 async def ready(request: Request) -> Response:
     """Readiness: PostgreSQL down is `fail` (503); Redis or RabbitMQ down is `warn` (200)."""

@@ -93,6 +93,15 @@ async def redirect(service: str, path: str, request: Request, user: GatewayUser)
     return reply_response(service, raw_reply)
 
 
+# The service's reply becomes the response, whatever its status; these are the gateway's own.
+GATEWAY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "default": {"description": "The status, headers and body the service replied with."},
+    404: {"description": "No such service."},
+    502: {"description": "The service sent a malformed reply."},
+    503: {"description": "The service or the message broker is not available."},
+    504: {"description": "The service did not answer within REDIRECT_TIMEOUT."},
+}
+
 for _method in METHODS:
     # One route per method, so each gets its own OpenAPI operation id.
     router.add_api_route(
@@ -101,6 +110,7 @@ for _method in METHODS:
         methods=[_method],
         name=f"redirect_{_method.lower()}",
         summary=f"Forward a {_method} to an internal service",
+        responses=GATEWAY_RESPONSES,
     )
 
 

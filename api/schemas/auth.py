@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, StringConstraints
 
 from api.helpers.enums import UserRole
+from api.schemas.text import WITHOUT_NUL
 
 PASSWORD_MIN_LENGTH = 8
 PASSWORD_MAX_LENGTH = 1024
@@ -32,7 +33,12 @@ class RegisterRequest(BaseModel):
     email: Email = Field(examples=["ada@example.com"])
     password: NewPassword = Field(description="8 to 1024 characters.")
     name: (
-        Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+        Annotated[
+            str,
+            StringConstraints(
+                strip_whitespace=True, min_length=1, max_length=200, pattern=WITHOUT_NUL
+            ),
+        ]
         | None
     ) = None
 

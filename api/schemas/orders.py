@@ -9,6 +9,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 
 from api.helpers.enums import OrderStatus
+from api.schemas.text import WITHOUT_NUL
 
 MAX_ITEMS = 100
 MAX_QUANTITY = 10_000
@@ -17,8 +18,8 @@ MAX_METADATA_KEYS = 20
 
 Sku = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
-MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=40)]
-MetadataValue = Annotated[str, StringConstraints(max_length=500)]
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=40, pattern=WITHOUT_NUL)]
+MetadataValue = Annotated[str, StringConstraints(max_length=500, pattern=WITHOUT_NUL)]
 Quantity = Annotated[StrictInt, Field(ge=1, le=MAX_QUANTITY)]
 UnitPrice = Annotated[StrictInt, Field(ge=0, le=MAX_UNIT_PRICE)]
 
@@ -27,7 +28,9 @@ class OrderItemCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sku: Sku
-    name: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+    name: (
+        Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=WITHOUT_NUL)] | None
+    ) = None
     quantity: Quantity
     unit_price: UnitPrice = Field(description="Price of one unit in minor units (cents).")
 
@@ -38,7 +41,11 @@ class OrderCreate(BaseModel):
     currency: Currency = Field(description="ISO 4217 code, upper case.", examples=["EUR"])
     items: list[OrderItemCreate] = Field(min_length=1, max_length=MAX_ITEMS)
     metadata: dict[MetadataKey, MetadataValue] = Field(
-        default_factory=dict, max_length=MAX_METADATA_KEYS
+        default_factory=dict,
+        max_length=MAX_METADATA_KEYS,
+        # The key pattern renders as `patternProperties`; without this, keys outside it
+        # (with a NUL) would be documented as allowed with any value.
+        json_schema_extra={"additionalProperties": False},
     )
 
 
