@@ -56,6 +56,9 @@ class Observer:
             await asyncio.sleep(0.05)
 
 
+OBSERVER_EXPIRES_MS = 600_000
+
+
 @contextlib.asynccontextmanager
 async def observe_events(settings: Settings, *, robust: bool = False) -> AsyncIterator[Observer]:
     """A durable private queue bound to `order.#` (survives a broker restart); deleted after."""
@@ -69,7 +72,11 @@ async def observe_events(settings: Settings, *, robust: bool = False) -> AsyncIt
         exchange = await channel.declare_exchange(
             settings.RMQ_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        queue = await channel.declare_queue(name, durable=True)
+        # Should the delete below fail (a broker mid-restart), the broker drops the queue
+        # itself once it has had no consumer for ten minutes.
+        queue = await channel.declare_queue(
+            name, durable=True, arguments={"x-expires": OBSERVER_EXPIRES_MS}
+        )
         await queue.bind(exchange, routing_key="order.#")
 
         async def collect(message: AbstractIncomingMessage) -> None:

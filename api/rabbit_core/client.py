@@ -80,8 +80,15 @@ class RabbitClient:
 
     @property
     def is_connected(self) -> bool:
+        """Connected now: a robust connection that lost the broker is not closed, only
+        reconnecting, so its `connected` event is what tells."""
         connection = self._connection
-        return connection is not None and not connection.is_closed and self._connected.is_set()
+        return (
+            connection is not None
+            and not connection.is_closed
+            and connection.connected.is_set()
+            and self._connected.is_set()
+        )
 
     @property
     def connection(self) -> AbstractRobustConnection:

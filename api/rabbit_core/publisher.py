@@ -63,6 +63,8 @@ class EventPublisher:
         self._exchange: AbstractExchange | None = None
         # Batches publish concurrently on the one channel; only one of them may open it.
         self._opening = asyncio.Lock()
+        # Channels being closed in the background after a failure.
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def _ready_exchange(self) -> AbstractExchange:
         async with self._opening:
@@ -78,13 +80,24 @@ class EventPublisher:
             return self._exchange
 
     async def publish_batch(self, events: Sequence[ClaimedEvent]) -> list[BaseException | None]:
-        """Publish `events` and await their confirms; per event, None or the failure."""
-        exchange = await self._ready_exchange()
+        """Publish `events` and await their confirms; per event, None or the failure.
+
+        The whole batch, opening the channel included, ends within the publish timeout:
+        it runs inside the relay's claim transaction, which a hung broker must not hold.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                exchange = await self._ready_exchange()
+        except TimeoutError:
+            self._discard_channel()
+            return [PublishTimeout(f"no channel within {self._timeout}s") for _ in events]
         tasks = [
             asyncio.ensure_future(exchange.publish(event_message(event), event.routing_key))
             for event in events
         ]
-        _, pending = await asyncio.wait(tasks, timeout=self._timeout)
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
         for task in pending:
             task.cancel()
         outcomes: list[BaseException | None] = []
@@ -97,15 +110,28 @@ class EventPublisher:
             await asyncio.wait(pending)
         if any(outcome is not None for outcome in outcomes):
             # A channel that lost confirms or saw a timeout is not trusted for the next batch.
-            await self.reset()
+            self._discard_channel()
         return outcomes
+
+    def _discard_channel(self) -> None:
+        """Forget the channel now; close it in the background (a hung broker may never answer)."""
+        channel, self._channel, self._exchange = self._channel, None, None
+        if channel is not None and not channel.is_closed:
+            closing = asyncio.create_task(self._close_channel(channel))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+
+    async def _close_channel(self, channel: AbstractChannel) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(channel.close(), timeout=min(self._timeout, 2.0))
 
     async def reset(self) -> None:
         """Drop the channel; the next batch opens a fresh one."""
         channel, self._channel, self._exchange = self._channel, None, None
         if channel is not None and not channel.is_closed:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(channel.close(), timeout=min(self._timeout, 2.0))
+            await self._close_channel(channel)
 
     async def close(self) -> None:
         await self.reset()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)

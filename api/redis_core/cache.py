@@ -8,7 +8,10 @@ raced the write carries the old generation and is never served: no stale read
 after a write through this service, without deleting keys one by one.
 
 The counters and the entry are read in the rate limiter's round trip
-(`RateLimiter.hit(read_keys=...)`), so a hit costs one Redis call in all.
+(`RateLimiter.hit(read_keys=...)`), so a hit costs one Redis call in all. Fills
+and invalidations go through the process's Redis circuit, shared with the limiter:
+while it is open they are skipped at once (an owed invalidation keeps the cache
+bypassed) instead of each waiting out a socket timeout.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ import uuid
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from api.configs import Settings
 from api.metrics import CACHE_LOOKUPS
+from api.redis_core.circuit import REDIS_UNAVAILABLE, RedisCircuit
 from api.redis_core.lua_script import BUMP_GENERATIONS
 
 logger = logging.getLogger(__name__)
@@ -53,8 +56,11 @@ class CacheKeys:
 class ResponseCache:
     """Reads arrive through the limiter's script; fills and invalidations come here."""
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(
+        self, redis: Redis, settings: Settings, circuit: RedisCircuit | None = None
+    ) -> None:
         self._redis = redis
+        self.circuit = circuit or RedisCircuit(redis)
         self._prefix = settings.REDIS_KEY_PREFIX
         self.ttl = settings.REDIS_TTL_EXPIRE
         self._bump = redis.register_script(BUMP_GENERATIONS)
@@ -109,9 +115,12 @@ class ResponseCache:
         entry = b"".join(
             (scope, b":", generation or b"0", b"\n", response.etag.encode(), b"\n", response.body)
         )
+        if not self.circuit.allow():
+            return
         try:
             await self._redis.set(keys.entry, entry, ex=self.ttl)
-        except (RedisError, OSError) as exc:
+        except REDIS_UNAVAILABLE as exc:
+            self.circuit.failed()
             logger.warning("cache fill failed", extra={"error": type(exc).__name__})
 
     async def invalidate(self, owner_id: uuid.UUID) -> bool:
@@ -123,12 +132,16 @@ class ResponseCache:
         """Bump every owed generation; False (serve nothing from the cache) while that fails."""
         if not self._pending:
             return True
+        if not self.circuit.allow():
+            return False
         owners = list(self._pending)
         keys = [self._generation_key(owner) for owner in owners] + [self._generation_key(None)]
         try:
             await self._bump(keys=keys, args=[GENERATION_TTL_SECONDS, secrets.randbelow(2**40) + 1])
-        except (RedisError, OSError) as exc:
+        except REDIS_UNAVAILABLE as exc:
+            self.circuit.failed()
             logger.warning("cache invalidation failed", extra={"error": type(exc).__name__})
             return False
+        self.circuit.succeeded()
         self._pending.difference_update(owners)
         return True

@@ -3,8 +3,8 @@
 Each route is under exactly one policy (SPEC §6). The decision is one EVALSHA of
 `lua_script.TOKEN_BUCKET` (redis-py reloads the script on NOSCRIPT). When Redis
 cannot be reached the limiter keeps serving from an LRU of in-memory buckets of
-the same policy, logs the outage once, counts it, and goes back to Redis after a
-short pause, so a hung Redis costs at most one socket timeout per pause.
+the same policy, logs the outage once, counts it, and goes back to Redis once the
+process's Redis circuit (`circuit.py`, shared with the cache) closes again.
 """
 
 from __future__ import annotations
@@ -20,19 +20,17 @@ from typing import Any
 
 from fastapi import Depends, Request
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from api.configs import RateLimitPolicy, Settings
 from api.errors import ProblemError, RateLimited
 from api.helpers.auth import decode_access_token
 from api.metrics import RATE_LIMIT_DECISIONS, RATE_LIMIT_FALLBACKS
+from api.redis_core.circuit import REDIS_UNAVAILABLE, RedisCircuit
 from api.redis_core.lua_script import TOKEN_BUCKET
 from api.state import get_state
 
 logger = logging.getLogger(__name__)
 
-# After a Redis failure, go straight to memory for this long before trying again.
-REDIS_RETRY_PAUSE = 1.0
 MAX_MEMORY_BUCKETS = 10_000
 
 
@@ -91,13 +89,15 @@ class MemoryBuckets:
 class RateLimiter:
     """Decides requests against the policies of `settings`."""
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(
+        self, redis: Redis, settings: Settings, circuit: RedisCircuit | None = None
+    ) -> None:
         self.policies = settings.rate_limit_policies
         self.enabled = settings.RATE_LIMIT_ENABLED
         self._prefix = settings.REDIS_KEY_PREFIX
         self._script = redis.register_script(TOKEN_BUCKET)
         self._memory = MemoryBuckets()
-        self._redis_down_until = 0.0
+        self.circuit = circuit or RedisCircuit(redis)
         self._in_outage = False
 
     def bucket_key(self, policy: RateLimitPolicy, identity: str) -> str:
@@ -115,10 +115,14 @@ class RateLimiter:
         policy = self.policies[policy_name]
         key = self.bucket_key(policy, identity)
         decision: Decision | None = None
-        if time.monotonic() >= self._redis_down_until:
+        if self.circuit.allow():
             decision = await self._redis_decision(policy, key, cost, read_keys)
         if decision is None:
+            self._note_outage()
             decision = self._memory.take(key, policy, cost)
+        elif self._in_outage:
+            self._in_outage = False
+            logger.info("redis reachable again: rate limiting back on redis")
         if cost:
             RATE_LIMIT_DECISIONS.labels(
                 policy.name, "allow" if decision.allowed else "deny", decision.backend
@@ -136,19 +140,11 @@ class RateLimiter:
             result: list[Any] = await self._script(
                 keys=[key, *read_keys], args=[policy.quota, policy.window, cost]
             )
-        except (RedisError, OSError) as exc:
-            self._redis_down_until = time.monotonic() + REDIS_RETRY_PAUSE
-            if not self._in_outage:
-                self._in_outage = True
-                RATE_LIMIT_FALLBACKS.inc()
-                logger.warning(
-                    "redis unreachable: rate limiting falls back to per-process buckets",
-                    extra={"error": type(exc).__name__},
-                )
+        except REDIS_UNAVAILABLE as exc:
+            self.circuit.failed()
+            self._note_outage(type(exc).__name__)
             return None
-        if self._in_outage:
-            self._in_outage = False
-            logger.info("redis reachable again: rate limiting back on redis")
+        self.circuit.succeeded()
         allowed, remaining, reset, retry_after, values = result
         return Decision(
             policy=policy,
@@ -160,10 +156,21 @@ class RateLimiter:
             values=list(values) if read_keys else None,
         )
 
+    def _note_outage(self, error: str = "circuit open") -> None:
+        """Log and count the fall-back once per outage, whoever noticed Redis was away."""
+        if self._in_outage:
+            return
+        self._in_outage = True
+        RATE_LIMIT_FALLBACKS.inc()
+        logger.warning(
+            "redis unreachable: rate limiting falls back to per-process buckets",
+            extra={"error": error},
+        )
+
     @property
     def redis_available(self) -> bool:
-        """False while the limiter is pausing Redis after a failure."""
-        return time.monotonic() >= self._redis_down_until
+        """False while the process's Redis circuit is open."""
+        return self.circuit.allow()
 
 
 def client_ip(request: Request, trusted_proxies: Sequence[IPv4Network | IPv6Network]) -> str:

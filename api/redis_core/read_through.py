@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Literal, cast
 
 from fastapi import Request
-from redis.exceptions import RedisError
 
 from api.errors import ProblemError, RateLimited, Unauthorized
 from api.helpers.auth import Principal, decode_access_token
 from api.redis_core.cache import CachedResponse, CacheKeys
+from api.redis_core.circuit import REDIS_UNAVAILABLE
 from api.redis_core.rate_limiter import add_response_headers, client_ip
 from api.state import get_state
 
@@ -81,10 +81,11 @@ async def lookup(request: Request, token: str | None, resource: str) -> CacheLoo
                 f"{max(1, decision.retry_after)} s."
             )
         values = decision.values
-    elif read_keys:
+    elif read_keys and cache.circuit.allow():
         try:
             values = cast(list[bytes | None], await state["redis"].mget(read_keys))
-        except (RedisError, OSError):
+        except REDIS_UNAVAILABLE:
+            cache.circuit.failed()
             values = None
 
     if auth_error is not None:
