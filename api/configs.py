@@ -85,9 +85,9 @@ class Settings(BaseSettings):
     # Seconds a statement (and an idle transaction) may run before PostgreSQL cancels it.
     POSTGRES_TRANSACTION_TIMEOUT: float = Field(default=5.0, gt=0, le=600)
     POSTGRES_ECHO: bool = False
-    # Sized for the in-flight requests of one worker, so load does not churn overflow
-    # connections (each a new PostgreSQL backend).
-    POSTGRES_POOL_SIZE: int = Field(default=20, ge=1, le=200)
+    # Per worker process; mind PostgreSQL's max_connections (100 by default) across
+    # workers, replicas and relays.
+    POSTGRES_POOL_SIZE: int = Field(default=10, ge=1, le=200)
     POSTGRES_MAX_OVERFLOW: int = Field(default=10, ge=0, le=200)
     # A pre-ping costs BEGIN + SELECT + ROLLBACK on every checkout with asyncpg. Without
     # it, the first statement on a connection that died with a PostgreSQL restart fails
