@@ -49,7 +49,7 @@ class StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     @stream.setter
     def stream(self, _value: Any) -> None:
-        pass
+        """Ignored: `logging` assigns the stream once; this handler follows `sys.stdout`."""
 
 
 def configure_logging(level: str) -> None:
