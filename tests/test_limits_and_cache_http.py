@@ -368,3 +368,21 @@ async def test_redis_down_bypasses_cache_and_limits_per_process(
     assert back.status_code == 200
     assert back.headers["x-cache"] in ("MISS", "HIT")
     assert "rate_limit_fallback_total" in metrics.text
+
+
+async def test_concurrent_misses_read_postgres_once(
+    app_factory: Callable[..., FastAPI], user: TestUser
+) -> None:
+    async with serve(fresh(app_factory)) as client:
+        order = await make_order(client, user)
+        url = f"/v1/orders/{order['id']}"
+        with request_queries() as statements:
+            answers = await asyncio.gather(
+                *(client.get(url, headers=user.headers) for _ in range(20))
+            )
+        again = await client.get(url, headers=user.headers)
+    assert {a.headers["x-cache"] for a in answers} <= {"MISS", "HIT"}
+    assert {a.content for a in answers} == {answers[0].content}
+    order_reads = [s for s in statements if "FROM orders" in s]
+    assert len(order_reads) == 1, order_reads
+    assert again.headers["x-cache"] == "HIT"

@@ -7,9 +7,11 @@ usual, then `fill()`s the entry under the generations read *before* its query.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 from fastapi import Request
 
@@ -22,6 +24,12 @@ from api.state import get_state
 
 CacheStatus = Literal["HIT", "MISS", "BYPASS"]
 POLICY = "default"
+T = TypeVar("T")
+
+# Misses being loaded in this process, by (entry key, generations): concurrent
+# misses for one entry share one database read instead of stampeding.
+_IN_FLIGHT: dict[tuple[str, bytes | None, bytes | None], asyncio.Future[Any]] = {}
+SETTLE_SECONDS = 0.5
 
 
 @dataclass(slots=True)
@@ -120,3 +128,36 @@ async def fill(
 async def invalidate_after_write(request: Request, owner_id: uuid.UUID) -> None:
     """Bump the generations a committed write to `owner_id`'s order made stale."""
     await get_state(request)["cache"].invalidate(owner_id)
+
+
+async def load_once(found: CacheLookup, load: Callable[[], Awaitable[T]]) -> T:
+    """Run `load` for a miss, or join the same miss already loading in this process.
+
+    The generations are part of the key: a request that started after a write sees
+    bumped generations and never joins a load that began before it.
+    """
+    if found.status != "MISS" or found.keys is None:
+        return await load()
+    key = (found.keys.entry, found.user_generation, found.all_generation)
+    pending = _IN_FLIGHT.get(key)
+    if pending is not None:
+        return cast(T, await asyncio.shield(pending))
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    _IN_FLIGHT[key] = future
+    try:
+        result = await load()
+    except asyncio.CancelledError:
+        future.cancel()
+        _IN_FLIGHT.pop(key, None)
+        raise
+    except BaseException as exc:
+        future.set_exception(exc)
+        future.exception()  # marks it retrieved: there may be no follower
+        raise
+    else:
+        future.set_result(result)
+        return result
+    finally:
+        # Kept a moment longer: a request that missed just before the fill landed joins
+        # this result instead of reading again. Same generations, so nothing changed.
+        asyncio.get_running_loop().call_later(SETTLE_SECONDS, _IN_FLIGHT.pop, key, None)

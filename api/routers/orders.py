@@ -185,24 +185,29 @@ async def list_orders(
     found = await read_through.lookup(request, token, page_key)
     if found.cached is not None:
         return Response(found.cached.body, media_type=JSON, headers=found.headers())
-    try:
-        async with open_session(request) as session:
-            user = await get_current_user(request, session, token)
-            owner_id = owner_scope(user)
-            if user_id is not None:
-                if owner_id is None:
-                    owner_id = user_id
-                elif user_id != owner_id:
-                    raise Forbidden("Only admins may list another user's orders.")
-            body = await order_service.read_order_page(
-                session, owner_id=owner_id, status=status, cursor=cursor, limit=limit
-            )
-    except InvalidCursor as exc:
-        raise ValidationFailed(
-            "The request is not valid.",
-            errors=[{"loc": ["query", "cursor"], "msg": str(exc), "type": "value_error"}],
-        ) from None
-    await read_through.fill(request, found, user, "", body)
+
+    async def load() -> bytes:
+        try:
+            async with open_session(request) as session:
+                user = await get_current_user(request, session, token)
+                owner_id = owner_scope(user)
+                if user_id is not None:
+                    if owner_id is None:
+                        owner_id = user_id
+                    elif user_id != owner_id:
+                        raise Forbidden("Only admins may list another user's orders.")
+                page = await order_service.read_order_page(
+                    session, owner_id=owner_id, status=status, cursor=cursor, limit=limit
+                )
+        except InvalidCursor as exc:
+            raise ValidationFailed(
+                "The request is not valid.",
+                errors=[{"loc": ["query", "cursor"], "msg": str(exc), "type": "value_error"}],
+            ) from None
+        await read_through.fill(request, found, user, "", page)
+        return page
+
+    body = await read_through.load_once(found, load)
     return Response(body, media_type=JSON, headers=found.headers())
 
 
@@ -222,15 +227,19 @@ async def get_order(
     if found.cached is not None:
         etag, body = found.cached.etag, found.cached.body
     else:
-        async with open_session(request) as session:
-            user = await get_current_user(request, session, token)
-            order = await order_service.read_order(
-                session, order_id=order_id, owner_id=owner_scope(user)
-            )
-        if order is None:
-            raise NotFound("No such order.")
-        etag, body = order.etag, order.body
-        await read_through.fill(request, found, user, etag, body)
+
+        async def load() -> tuple[str, bytes]:
+            async with open_session(request) as session:
+                user = await get_current_user(request, session, token)
+                order = await order_service.read_order(
+                    session, order_id=order_id, owner_id=owner_scope(user)
+                )
+            if order is None:
+                raise NotFound("No such order.")
+            await read_through.fill(request, found, user, order.etag, order.body)
+            return order.etag, order.body
+
+        etag, body = await read_through.load_once(found, load)
     headers = {"ETag": etag, **found.headers()}
     if if_none_match is not None and none_match(if_none_match, etag):
         return Response(status_code=304, headers=headers)
