@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 
 from api.configs import Settings, load_settings
+from api.rabbit_core.topology import TopologyNames
 from api.redis_core.client import create_redis
 from bench.progress import log
 
@@ -202,14 +203,10 @@ async def delete_rabbit_names(settings: Settings) -> None:
     connection = await aio_pika.connect(settings.rabbitmq_url, timeout=5)
     async with connection:
         channel = await connection.channel()
-        for queue in (settings.RMQ_QUEUE, settings.RMQ_STATUS_QUEUE):
-            for name in (queue, f"{queue}.dlq"):
-                await channel.queue_delete(name)
-        for exchange in (
-            settings.RMQ_EXCHANGE,
-            f"{settings.RMQ_EXCHANGE}.dlx",
-            settings.RMQ_RPC_EXCHANGE,
-        ):
+        names = TopologyNames.from_settings(settings)
+        for queue in names.queues:
+            await channel.queue_delete(queue)
+        for exchange in names.exchanges:
             await channel.exchange_delete(exchange)
 
 

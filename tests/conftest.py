@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from api.configs import Settings
 from api.database.connection import create_engine, create_sessionmaker
 from api.main import create_app
+from api.rabbit_core.topology import TopologyNames
 from tests.factories import TestUser, make_user
 
 RUN_ID = uuid.uuid4().hex[:10]
@@ -124,14 +125,10 @@ async def rabbit_cleanup(settings: Settings) -> AsyncIterator[None]:
         return
     async with connection:
         channel = await connection.channel()
-        for queue in (settings.RMQ_QUEUE, settings.RMQ_STATUS_QUEUE):
-            for name in (queue, f"{queue}.dlq"):
-                await channel.queue_delete(name)
-        for exchange in (
-            settings.RMQ_EXCHANGE,
-            f"{settings.RMQ_EXCHANGE}.dlx",
-            settings.RMQ_RPC_EXCHANGE,
-        ):
+        names = TopologyNames.from_settings(settings)
+        for queue in names.queues:
+            await channel.queue_delete(queue)
+        for exchange in names.exchanges:
             await channel.exchange_delete(exchange)
 
 

@@ -30,6 +30,7 @@ from api.helpers.enums import OrderStatus
 from api.helpers.orjson_coder import dumps, loads
 from api.models import Order, OutboxEvent
 from api.rabbit_core.client import RabbitClient
+from api.rabbit_core.topology import TopologyNames
 from api.relay import OutboxRelay
 from api.schemas.orders import OrderRead
 
@@ -369,12 +370,8 @@ async def delete_rabbit_names(settings: Settings) -> None:
         connection = await aio_pika.connect(settings.rabbitmq_url, timeout=5)
         async with connection:
             channel = await connection.channel()
-            for queue in (settings.RMQ_QUEUE, settings.RMQ_STATUS_QUEUE):
-                for name in (queue, f"{queue}.dlq"):
-                    await channel.queue_delete(name)
-            for exchange in (
-                settings.RMQ_EXCHANGE,
-                f"{settings.RMQ_EXCHANGE}.dlx",
-                settings.RMQ_RPC_EXCHANGE,
-            ):
+            names = TopologyNames.from_settings(settings)
+            for queue in names.queues:
+                await channel.queue_delete(queue)
+            for exchange in names.exchanges:
                 await channel.exchange_delete(exchange)

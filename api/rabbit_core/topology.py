@@ -33,6 +33,20 @@ class TopologyNames:
     def dead_letter_queue(self, queue: str) -> str:
         return f"{queue}.dlq"
 
+    @property
+    def queues(self) -> tuple[str, ...]:
+        """Every queue `declare_topology` declares."""
+        return tuple(
+            name
+            for queue in (self.queue, self.status_queue)
+            for name in (queue, self.dead_letter_queue(queue))
+        )
+
+    @property
+    def exchanges(self) -> tuple[str, ...]:
+        """Every exchange `declare_topology` declares."""
+        return (self.exchange, self.dead_letter_exchange, self.rpc_exchange)
+
 
 @dataclass(frozen=True, slots=True)
 class Topology:

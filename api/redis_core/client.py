@@ -5,6 +5,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from api.configs import Settings
 
@@ -27,7 +28,9 @@ def create_redis(settings: Settings) -> Redis:
         socket_connect_timeout=settings.REDIS_SOCKET_TIMEOUT,
         health_check_interval=30,
         max_connections=64,
-        # No retries: the caller falls back (memory buckets, cache BYPASS) at once.
-        retry=Retry(NoBackoff(), 0),
+        # One immediate retry on a broken connection only: a pooled connection that died
+        # with a Redis restart reconnects instead of failing a request. A timeout (a hung
+        # Redis) is not retried, so no call waits longer than one socket timeout.
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         client_name="orders-api",
     )

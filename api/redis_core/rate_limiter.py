@@ -226,6 +226,25 @@ def add_response_headers(request: Request, headers: list[tuple[bytes, bytes]]) -
     request.scope["state"].setdefault("response_headers", []).extend(headers)
 
 
+async def enforce(
+    request: Request,
+    limiter: RateLimiter,
+    policy_name: str,
+    identity: str,
+    *,
+    read_keys: Sequence[str] = (),
+) -> Decision:
+    """Spend a token, put the RateLimit fields on the response, and 429 when refused."""
+    decision = await limiter.hit(policy_name, identity, read_keys=read_keys)
+    add_response_headers(request, decision.headers())
+    if not decision.allowed:
+        raise RateLimited(
+            f"Too many requests for the {policy_name!r} policy; retry in "
+            f"{max(1, decision.retry_after)} s."
+        )
+    return decision
+
+
 # Policies keyed by the client address whatever token is sent (credential guessing).
 IP_POLICIES = frozenset({"auth"})
 
@@ -238,13 +257,6 @@ def rate_limit(policy_name: str) -> Any:
         limiter = get_state(request)["limiter"]
         if not limiter.enabled:
             return None
-        decision = await limiter.hit(policy_name, request_identity(request, by_ip=by_ip))
-        add_response_headers(request, decision.headers())
-        if not decision.allowed:
-            raise RateLimited(
-                f"Too many requests for the {policy_name!r} policy; retry in "
-                f"{max(1, decision.retry_after)} s."
-            )
-        return decision
+        return await enforce(request, limiter, policy_name, request_identity(request, by_ip=by_ip))
 
     return Depends(spend_token)

@@ -15,11 +15,11 @@ from typing import Any, Literal, TypeVar, cast
 
 from fastapi import Request
 
-from api.errors import ProblemError, RateLimited, Unauthorized
+from api.errors import ProblemError, Unauthorized
 from api.helpers.auth import Principal, decode_access_token
 from api.redis_core.cache import CachedResponse, CacheKeys
 from api.redis_core.circuit import REDIS_UNAVAILABLE
-from api.redis_core.rate_limiter import add_response_headers, client_ip
+from api.redis_core.rate_limiter import client_ip, enforce
 from api.state import get_state
 
 CacheStatus = Literal["HIT", "MISS", "BYPASS"]
@@ -81,13 +81,7 @@ async def lookup(request: Request, token: str | None, resource: str) -> CacheLoo
     limiter = state["limiter"]
     values: list[bytes | None] | None = None
     if limiter.enabled:
-        decision = await limiter.hit(POLICY, identity, read_keys=read_keys)
-        add_response_headers(request, decision.headers())
-        if not decision.allowed:
-            raise RateLimited(
-                f"Too many requests for the {POLICY!r} policy; retry in "
-                f"{max(1, decision.retry_after)} s."
-            )
+        decision = await enforce(request, limiter, POLICY, identity, read_keys=read_keys)
         values = decision.values
     elif read_keys and cache.circuit.allow():
         try:
