@@ -7,10 +7,11 @@ bytes on the wire cannot drift apart.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -89,15 +90,19 @@ class NewOutboxEvent:
 
 
 def order_event(
-    order: OrderRead,
+    order: OrderRead | Mapping[str, Any],
     *,
     event_type: EventType,
     request_id: str | None,
     previous_status: OrderStatus | None = None,
 ) -> NewOutboxEvent:
-    """Build the envelope for a change to `order` (its state after the change)."""
+    """Build the envelope for a change to `order` (its state after the change).
+
+    `order` is the model, or its fields as `OrderRead` has them (a new order's, before
+    any row exists); both give the same bytes.
+    """
     event_id = uuid.uuid4()
-    data = order.model_dump(mode="json")
+    data = order.model_dump(mode="json") if isinstance(order, OrderRead) else dict(order)
     if previous_status is not None:
         data["previous_status"] = previous_status.value
     envelope = {
@@ -105,10 +110,10 @@ def order_event(
         "id": str(event_id),
         "source": SOURCE,
         "type": event_type.value,
-        "subject": str(order.id),
+        "subject": str(data["id"]),
         "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         "datacontenttype": "application/json",
-        "sequence": str(order.version),
+        "sequence": str(data["version"]),
         "data": data,
     }
     return NewOutboxEvent(

@@ -35,6 +35,7 @@ from api.rabbit_core.rpc import RpcClient
 from api.redis_core.cache import ResponseCache
 from api.redis_core.circuit import RedisCircuit
 from api.redis_core.client import create_redis
+from api.redis_core.multiplexed import MultiplexedRedis
 from api.redis_core.rate_limiter import RateLimiter
 from api.routers import auth, events, orders, ping, rate_limits, redirect
 from api.schemas.orders import OrderRead
@@ -82,7 +83,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
     idempotency_sweeper.start()
     # One circuit for the limiter and the cache: a hung Redis is noticed once, by both.
     redis_circuit = RedisCircuit(redis)
-    cache = ResponseCache(redis, settings, redis_circuit)
+    # The limiter's and the cache's per-request scripts share one pipelined connection.
+    scripts = MultiplexedRedis(settings)
+    cache = ResponseCache(redis, settings, redis_circuit, scripts=scripts)
 
     async def invalidate_cache(order: OrderRead) -> None:
         await cache.invalidate(order.user_id)
@@ -98,7 +101,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
             redis=redis,
             rabbit=rabbit,
             rpc=rpc,
-            limiter=RateLimiter(redis, settings, redis_circuit),
+            limiter=RateLimiter(redis, settings, redis_circuit, scripts=scripts),
             cache=cache,
             trusted_proxies=settings.trusted_proxy_networks,
         )
@@ -109,6 +112,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         await rpc.close()
         await rabbit.close()
         await redis_circuit.close()
+        await scripts.close()
         await redis.aclose()
         await engine.dispose()
 
@@ -201,6 +205,13 @@ async def handle_database_error(request: Request, exc: Exception) -> Response:
     raise exc
 
 
+async def handle_raw_database_error(request: Request, exc: Exception) -> Response:
+    """The same judgement for asyncpg's own errors (statements on a `raw_connection`)."""
+    if isinstance(exc, _UNAVAILABLE_CAUSES):
+        return await handle_unavailable(request, exc)
+    raise exc
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application; tests call it with their own settings."""
     settings = settings or get_settings()
@@ -221,22 +232,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
 
-    credentials = "*" not in settings.ENV_ALLOWED_ORIGINS
-    app.add_middleware(
-        CORSMiddleware,
-        allow_origins=settings.ENV_ALLOWED_ORIGINS,
-        allow_credentials=credentials,
-        allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
-        allow_headers=CORS_ALLOW_HEADERS,
-        expose_headers=CORS_EXPOSE_HEADERS,
-        max_age=600,
-    )
+    if settings.ENV_ALLOWED_ORIGINS:
+        # With no origin allowed there is nothing to answer a browser with: no layer
+        # (and no `Vary: Origin`) on every request.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.ENV_ALLOWED_ORIGINS,
+            allow_credentials="*" not in settings.ENV_ALLOWED_ORIGINS,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+            allow_headers=CORS_ALLOW_HEADERS,
+            expose_headers=CORS_EXPOSE_HEADERS,
+            max_age=600,
+        )
     # Added last, so it is the outermost: every response, CORS ones included, gets an id.
     app.add_middleware(RequestContextMiddleware)
 
     app.add_exception_handler(StarletteHTTPException, handle_http_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.add_exception_handler(sa_exc.DBAPIError, handle_database_error)
+    app.add_exception_handler(asyncpg.PostgresError, handle_raw_database_error)
+    app.add_exception_handler(asyncpg.InterfaceError, handle_raw_database_error)
     app.add_exception_handler(sa_exc.TimeoutError, handle_unavailable)
     app.add_exception_handler(RabbitUnavailable, handle_unavailable)
     app.add_exception_handler(ConnectionError, handle_unavailable)

@@ -44,6 +44,25 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
+# Per-request metric children, by label values: `labels()` validates and locks on every
+# call; the set of (method, route template, status) a service answers with is small.
+_COUNTERS: dict[tuple[str, str, int], Any] = {}
+_HISTOGRAMS: dict[tuple[str, str], Any] = {}
+
+
+def _record(method: str, template: str, status: int, duration: float) -> None:
+    counter = _COUNTERS.get((method, template, status))
+    if counter is None:
+        counter = _COUNTERS[method, template, status] = HTTP_REQUESTS.labels(
+            method, template, str(status)
+        )
+    histogram = _HISTOGRAMS.get((method, template))
+    if histogram is None:
+        histogram = _HISTOGRAMS[method, template] = HTTP_LATENCY.labels(method, template)
+    counter.inc()
+    histogram.observe(duration)
+
+
 class RequestContextMiddleware:
     """Assigns `X-Request-ID`, caps bodies at 1 MiB, logs one JSON line and records metrics."""
 
@@ -95,6 +114,9 @@ class RequestContextMiddleware:
 
         try:
             length = _content_length(scope)
+            # A declared length is enforced by the HTTP parser, so it is checked once, here;
+            # without one (chunked) the bytes are counted as they arrive.
+            app_receive = receive if length is not None else receive_capped
             if length is not None and length > limit:
                 await self._send_problem(
                     scope,
@@ -106,7 +128,7 @@ class RequestContextMiddleware:
                     close=True,
                 )
             else:
-                await self.app(scope, receive_capped, send_with_id)
+                await self.app(scope, app_receive, send_with_id)
         except Exception:
             # The one place an unexpected fault becomes a response: a generic 500
             # problem with the request id, the trace only in the log.
@@ -125,18 +147,18 @@ class RequestContextMiddleware:
             route = scope.get("route")
             template = getattr(route, "path_format", None) or "unmatched"
             method = scope["method"]
-            HTTP_REQUESTS.labels(method, template, str(status)).inc()
-            HTTP_LATENCY.labels(method, template).observe(duration)
-            access_log.info(
-                "request",
-                extra={
-                    "method": method,
-                    "path": scope["path"],
-                    "status": status,
-                    "duration_ms": round(duration * 1000, 2),
-                    "user_id": state.get("user_id"),
-                },
-            )
+            _record(method, template, status, duration)
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info(
+                    "request",
+                    extra={
+                        "method": method,
+                        "path": scope["path"],
+                        "status": status,
+                        "duration_ms": round(duration * 1000, 2),
+                        "user_id": state.get("user_id"),
+                    },
+                )
             request_id_var.reset(token)
 
     async def _send_problem(

@@ -27,6 +27,7 @@ from api.configs import Settings
 from api.metrics import CACHE_LOOKUPS
 from api.redis_core.circuit import REDIS_UNAVAILABLE, RedisCircuit
 from api.redis_core.lua_script import BUMP_GENERATIONS
+from api.redis_core.multiplexed import MultiplexedRedis
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +58,19 @@ class ResponseCache:
     """Reads arrive through the limiter's script; fills and invalidations come here."""
 
     def __init__(
-        self, redis: Redis, settings: Settings, circuit: RedisCircuit | None = None
+        self,
+        redis: Redis,
+        settings: Settings,
+        circuit: RedisCircuit | None = None,
+        *,
+        scripts: MultiplexedRedis | None = None,
     ) -> None:
         self._redis = redis
         self.circuit = circuit or RedisCircuit(redis)
         self._prefix = settings.REDIS_KEY_PREFIX
         self.ttl = settings.REDIS_TTL_EXPIRE
-        self._bump = redis.register_script(BUMP_GENERATIONS)
+        # Run after every write: on the pipelined connection when there is one.
+        self._bump = (scripts or redis).register_script(BUMP_GENERATIONS)
         # Owners whose invalidation failed (Redis away); bumped before the next read.
         self._pending: set[uuid.UUID] = set()
 

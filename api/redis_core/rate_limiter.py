@@ -27,6 +27,7 @@ from api.helpers.auth import decode_access_token
 from api.metrics import RATE_LIMIT_DECISIONS, RATE_LIMIT_FALLBACKS
 from api.redis_core.circuit import REDIS_UNAVAILABLE, RedisCircuit
 from api.redis_core.lua_script import TOKEN_BUCKET
+from api.redis_core.multiplexed import MultiplexedRedis
 from api.state import get_state
 
 logger = logging.getLogger(__name__)
@@ -90,12 +91,18 @@ class RateLimiter:
     """Decides requests against the policies of `settings`."""
 
     def __init__(
-        self, redis: Redis, settings: Settings, circuit: RedisCircuit | None = None
+        self,
+        redis: Redis,
+        settings: Settings,
+        circuit: RedisCircuit | None = None,
+        *,
+        scripts: MultiplexedRedis | None = None,
     ) -> None:
         self.policies = settings.rate_limit_policies
         self.enabled = settings.RATE_LIMIT_ENABLED
         self._prefix = settings.REDIS_KEY_PREFIX
-        self._script = redis.register_script(TOKEN_BUCKET)
+        # The script runs on every request: on the pipelined connection when there is one.
+        self._script = (scripts or redis).register_script(TOKEN_BUCKET)
         self._memory = MemoryBuckets()
         self.circuit = circuit or RedisCircuit(redis)
         self._in_outage = False

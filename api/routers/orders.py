@@ -6,13 +6,22 @@ import uuid
 from datetime import timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.database.connection import SessionDep, after_commit, open_session
+from api.database.connection import SessionDep, after_commit, open_session, raw_connection
 from api.database.query import orders as order_queries
 from api.errors import PROBLEM_CONTENT_TYPE, Forbidden, NotFound, ValidationFailed
-from api.helpers.auth import AdminUser, CurrentUser, Principal, get_current_user, oauth2_scheme
+from api.helpers.auth import (
+    BEARER_SECURITY,
+    AdminUser,
+    CurrentUser,
+    Principal,
+    TokenSubject,
+    bearer_token,
+    get_current_user,
+    token_subject,
+)
 from api.helpers.enums import OrderStatus
 from api.helpers.etags import if_match_versions, none_match, order_etag
 from api.helpers.logger import request_id_var
@@ -21,7 +30,7 @@ from api.redis_core import read_through
 from api.redis_core.rate_limiter import rate_limit
 from api.schemas.orders import OrderCreate, OrderPage, OrderRead, OrderStatusUpdate
 from api.services import orders as order_service
-from api.services.idempotency import IDEMPOTENCY_KEY_PATTERN, create_order_once
+from api.services.idempotency import IDEMPOTENCY_KEY_PATTERN, CreateOutcome, create_order_once
 from api.services.orders import INITIAL_VERSION, EncodedOrder
 from api.state import get_state
 
@@ -48,10 +57,15 @@ IfMatch = Annotated[
     str | None,
     Header(alias="If-Match", description="Apply only if the order still has this ETag."),
 ]
-IfNoneMatch = Annotated[
-    str | None,
-    Header(alias="If-None-Match", description="304 when the order still has this ETag."),
-]
+# Read from the request by the cached `GET /{order_id}` (no Header dependency), so
+# documented here.
+IF_NONE_MATCH_PARAMETER = {
+    "name": "If-None-Match",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "304 when the order still has this ETag.",
+}
 
 
 def owner_scope(user: Principal) -> uuid.UUID | None:
@@ -125,8 +139,7 @@ def _invalidate_after_commit(request: Request, session: AsyncSession, owner_id: 
 )
 async def create_order(
     payload: OrderCreate,
-    user: CurrentUser,
-    session: SessionDep,
+    user_id: TokenSubject,
     request: Request,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
@@ -135,24 +148,26 @@ async def create_order(
     With an `Idempotency-Key`, a retry of the same body returns the first response
     again (`Idempotent-Replayed: true`) and creates nothing.
     """
+    state = get_state(request)
     request_id = request_id_var.get()
-    if idempotency_key is None:
-        order = await order_service.create_order(
-            session, user_id=user.id, payload=payload, request_id=request_id
-        )
-        _invalidate_after_commit(request, session, user.id)
-        return order_response(order, status_code=201, headers={"Location": _location(order.id)})
-    ttl = timedelta(hours=get_state(request)["settings"].IDEMPOTENCY_TTL_HOURS)
-    outcome = await create_order_once(
-        session,
-        user_id=user.id,
-        key=idempotency_key,
-        payload=payload,
-        request_id=request_id,
-        ttl=ttl,
-    )
+    async with raw_connection(state["engine"]) as conn:
+        if idempotency_key is None:
+            order = await order_service.create_order(
+                conn, user_id=user_id, payload=payload, request_id=request_id
+            )
+            outcome = CreateOutcome(201, order.body, order.id, replayed=False)
+        else:
+            outcome = await create_order_once(
+                conn,
+                user_id=user_id,
+                key=idempotency_key,
+                payload=payload,
+                request_id=request_id,
+                ttl=timedelta(hours=state["settings"].IDEMPOTENCY_TTL_HOURS),
+            )
+    # Committed: the owner's and admins' cached reads are stale from now on.
     if not outcome.replayed:
-        _invalidate_after_commit(request, session, user.id)
+        await read_through.invalidate_after_write(request, user_id)
     headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}
     if outcome.order_id is not None:
         headers["Location"] = _location(outcome.order_id)
@@ -164,13 +179,14 @@ def _location(order_id: uuid.UUID) -> str:
     return f"{router.prefix}/{order_id}"
 
 
-BearerToken = Annotated[str | None, Depends(oauth2_scheme)]
-
-
-@router.get("", response_model=OrderPage, responses=_problems(401, 403, 422, 429))
+@router.get(
+    "",
+    response_model=OrderPage,
+    responses=_problems(401, 403, 422, 429),
+    openapi_extra={"security": BEARER_SECURITY},
+)
 async def list_orders(
     request: Request,
-    token: BearerToken,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[
         str | None, Query(max_length=64, description="`next_cursor` of the previous page.")
@@ -181,6 +197,7 @@ async def list_orders(
     ] = None,
 ) -> Response:
     """The caller's orders, newest first; admins see every order and may filter by user."""
+    token = bearer_token(request)
     page_key = f"orders:{limit}:{cursor or ''}:{status or ''}:{user_id or ''}"
     found = await read_through.lookup(request, token, page_key)
     if found.cached is not None:
@@ -215,32 +232,30 @@ async def list_orders(
     "/{order_id}",
     response_model=OrderRead,
     responses={304: {"description": "Not modified"}, **_problems(401, 404, 422, 429)},
+    openapi_extra={"security": BEARER_SECURITY, "parameters": [IF_NONE_MATCH_PARAMETER]},
 )
-async def get_order(
-    order_id: uuid.UUID,
-    request: Request,
-    token: BearerToken,
-    if_none_match: IfNoneMatch = None,
-) -> Response:
+async def get_order(order_id: uuid.UUID, request: Request) -> Response:
     """One order, with its `ETag`; `If-None-Match` with the current tag answers 304."""
+    token = bearer_token(request)
     found = await read_through.lookup(request, token, f"order:{order_id}")
     if found.cached is not None:
         etag, body = found.cached.etag, found.cached.body
     else:
 
         async def load() -> tuple[str, bytes]:
-            async with open_session(request) as session:
-                user = await get_current_user(request, session, token)
-                order = await order_service.read_order(
-                    session, order_id=order_id, owner_id=owner_scope(user)
+            viewer_id = token_subject(request, token)
+            async with raw_connection(get_state(request)["engine"]) as conn:
+                viewer, order = await order_service.read_order_as(
+                    conn, order_id=order_id, viewer_id=viewer_id
                 )
             if order is None:
                 raise NotFound("No such order.")
-            await read_through.fill(request, found, user, order.etag, order.body)
+            await read_through.fill(request, found, viewer, order.etag, order.body)
             return order.etag, order.body
 
         etag, body = await read_through.load_once(found, load)
     headers = {"ETag": etag, **found.headers()}
+    if_none_match = request.headers.get("if-none-match")
     if if_none_match is not None and none_match(if_none_match, etag):
         return Response(status_code=304, headers=headers)
     return Response(body, media_type=JSON, headers=headers)

@@ -1,7 +1,8 @@
 """Exactly-once order creation under an `Idempotency-Key` (SPEC §5).
 
-The key's record lives in PostgreSQL and is written in the order's own transaction,
-so "order exists" and "its response is stored" commit or vanish together.
+The key's record lives in PostgreSQL and is written by the statement that writes the
+order (`query.orders.create_order_once`), so "order exists" and "its response is
+stored" commit or vanish together.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
+import asyncpg
 import orjson
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.database.query import idempotency as key_queries
-from api.errors import IdempotencyKeyInUse, IdempotencyKeyReused
+from api.database.query import orders as order_queries
+from api.errors import IdempotencyKeyInUse, IdempotencyKeyReused, Unauthorized
 from api.schemas.orders import OrderCreate
-from api.services.orders import create_order
+from api.services.orders import build_order
 
 # 1-255 printable ASCII characters (space to tilde), as SPEC §5 allows.
 IDEMPOTENCY_KEY_PATTERN = r"^[\x20-\x7E]{1,255}$"
@@ -41,8 +43,13 @@ def request_hash(payload: OrderCreate) -> bytes:
     return hashlib.sha256(canonical).digest()
 
 
+# A statement that found the key neither stored nor free raced a twin's commit; the next
+# attempt sees the stored response. More than this many such races in a row is a conflict.
+MAX_ATTEMPTS = 3
+
+
 async def create_order_once(
-    session: AsyncSession,
+    conn: asyncpg.Connection,
     *,
     user_id: uuid.UUID,
     key: str,
@@ -52,31 +59,33 @@ async def create_order_once(
 ) -> CreateOutcome:
     """Create the order for (user, key) once; a repeat replays the stored first response.
 
-    Raises IdempotencyKeyInUse while another request holds the key and
-    IdempotencyKeyReused when the key was first used with a different body.
+    Raises IdempotencyKeyInUse while another request holds the key,
+    IdempotencyKeyReused when the key was first used with a different body and
+    Unauthorized when the caller's account no longer exists.
     """
-    # A non-blocking transaction lock: a concurrent twin is refused at once instead of
-    # holding a connection while it waits. The lock is released when this transaction
-    # commits, so whoever takes it next sees the stored record.
-    if not await key_queries.try_lock_key(session, user_id=user_id, key=key):
-        raise IdempotencyKeyInUse("A request with this Idempotency-Key is still in progress.")
-    # A separate statement after the lock (READ COMMITTED): its snapshot is taken once the
-    # lock is ours, so a record committed by the previous holder is always visible.
-    stored = await key_queries.get_stored_response(session, user_id=user_id, key=key)
     digest = request_hash(payload)
-    if stored is not None:
-        if not hmac.compare_digest(stored.request_hash, digest):
-            raise IdempotencyKeyReused("This Idempotency-Key was used with a different body.")
-        return CreateOutcome(stored.status_code, stored.body, stored.order_id, replayed=True)
-    created = await create_order(session, user_id=user_id, payload=payload, request_id=request_id)
-    await key_queries.store_response(
-        session,
-        user_id=user_id,
-        key=key,
-        request_hash=digest,
-        status_code=CREATED,
-        body=created.body,
-        order_id=created.id,
-        ttl=ttl,
-    )
-    return CreateOutcome(CREATED, created.body, created.id, replayed=False)
+    for _ in range(MAX_ATTEMPTS):
+        new, created = build_order(user_id=user_id, payload=payload, request_id=request_id)
+        row = await order_queries.create_order_once(
+            conn,
+            new,
+            key=key,
+            lock_name=key_queries.lock_name(user_id, key),
+            request_hash=digest,
+            status_code=CREATED,
+            response_body=created.body,
+            ttl=ttl,
+        )
+        if not row["caller_exists"]:
+            raise Unauthorized("The access token is not valid.")
+        if not row["held"]:
+            break
+        if row["created"]:
+            return CreateOutcome(CREATED, created.body, created.id, replayed=False)
+        if row["request_hash"] is not None:
+            if not hmac.compare_digest(row["request_hash"], digest):
+                raise IdempotencyKeyReused("This Idempotency-Key was used with a different body.")
+            return CreateOutcome(
+                row["status_code"], row["response_body"], row["order_id"], replayed=True
+            )
+    raise IdempotencyKeyInUse("A request with this Idempotency-Key is still in progress.")

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import orjson
-from sqlalchemy import RowMapping
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.database.query import orders as order_queries
+from api.database.query.orders import NewOrder
 from api.database.query.outbox import insert_outbox_event
-from api.errors import InvalidTransition, NotFound, PreconditionFailed
+from api.errors import InvalidTransition, NotFound, PreconditionFailed, Unauthorized
 from api.events import EventType, order_event
-from api.helpers.enums import OrderStatus, can_transition
+from api.helpers.auth import Principal
+from api.helpers.enums import OrderStatus, UserRole, can_transition
 from api.helpers.etags import order_etag
 from api.helpers.pagination import decode_cursor, encode_cursor
 from api.schemas.orders import OrderCreate, OrderRead
@@ -91,48 +95,98 @@ class EncodedOrder:
         return order_etag(self.id, self.version)
 
 
-def encode_order(order: RowMapping | OrderRead) -> EncodedOrder:
+def encode_order(order: Mapping[str, Any] | OrderRead) -> EncodedOrder:
     """Serialise an order row or model; both give the same bytes for the same version."""
     fields = order.model_dump() if isinstance(order, OrderRead) else dict(order)
     return EncodedOrder(id=fields["id"], version=fields["version"], body=_dumps(fields))
 
 
-async def create_order(
-    session: AsyncSession, *, user_id: uuid.UUID, payload: OrderCreate, request_id: str | None
-) -> EncodedOrder:
-    """Insert a pending order with server-computed totals and its `order.created` event."""
-    items: list[dict[str, Any]] = [
-        {
-            "sku": item.sku,
-            "name": item.name,
-            "quantity": item.quantity,
-            "line_total": item.quantity * item.unit_price,
-            "unit_price": item.unit_price,
-        }
+def _jsonb_order(mapping: dict[str, Any]) -> dict[str, Any]:
+    # PostgreSQL keeps JSONB object keys shortest first, then bytewise: the same order
+    # here makes a new order's bytes equal to every later read of it.
+    return dict(sorted(mapping.items(), key=lambda item: (len(item[0].encode()), item[0])))
+
+
+def build_order(
+    *, user_id: uuid.UUID, payload: OrderCreate, request_id: str | None
+) -> tuple[NewOrder, EncodedOrder]:
+    """A pending order with server-computed totals, its response body and `order.created`.
+
+    Ids and timestamps are made here, so the response and the event are serialised
+    before the one statement that stores them.
+    """
+    items = [
+        _jsonb_order(
+            {
+                "sku": item.sku,
+                "name": item.name,
+                "quantity": item.quantity,
+                "line_total": item.quantity * item.unit_price,
+                "unit_price": item.unit_price,
+            }
+        )
         for item in payload.items
     ]
-    row = await order_queries.insert_order(
-        session,
-        order_id=uuid.uuid4(),
+    metadata = _jsonb_order(payload.metadata)
+    now = datetime.now(UTC)
+    fields: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "user_id": user_id,
+        "status": OrderStatus.PENDING.value,
+        "currency": payload.currency,
+        "items": items,
+        "total_amount": sum(item["line_total"] for item in items),
+        "metadata": metadata,
+        "version": INITIAL_VERSION,
+        "created_at": now,
+        "updated_at": now,
+    }
+    event = order_event(fields, event_type=EventType.CREATED, request_id=request_id)
+    new = NewOrder(
+        id=fields["id"],
         user_id=user_id,
         currency=payload.currency,
-        items=items,
-        total_amount=sum(item["line_total"] for item in items),
-        metadata=payload.metadata,
+        items_json=orjson.dumps(items).decode(),
+        total_amount=fields["total_amount"],
+        metadata_json=orjson.dumps(metadata).decode(),
+        created_at=now,
+        event_id=event.event_id,
+        routing_key=event.routing_key,
+        event_body=event.body,
+        correlation_id=event.correlation_id,
     )
-    order = OrderRead.model_validate(row)
-    await insert_outbox_event(
-        session, order_event(order, event_type=EventType.CREATED, request_id=request_id)
-    )
-    return encode_order(row)
+    return new, EncodedOrder(id=new.id, version=INITIAL_VERSION, body=_dumps(fields))
 
 
-async def read_order(
-    session: AsyncSession, *, order_id: uuid.UUID, owner_id: uuid.UUID | None
-) -> EncodedOrder | None:
-    """The order serialised, or None when it does not exist or (with `owner_id`) is not theirs."""
-    row = await order_queries.get_order_mapping(session, order_id=order_id, owner_id=owner_id)
-    return encode_order(row) if row is not None else None
+async def create_order(
+    conn: asyncpg.Connection, *, user_id: uuid.UUID, payload: OrderCreate, request_id: str | None
+) -> EncodedOrder:
+    """Store a new pending order and its `order.created` event in one statement.
+
+    Raises Unauthorized when the caller's account no longer exists.
+    """
+    new, encoded = build_order(user_id=user_id, payload=payload, request_id=request_id)
+    if not await order_queries.create_order(conn, new):
+        raise Unauthorized("The access token is not valid.")
+    return encoded
+
+
+async def read_order_as(
+    conn: asyncpg.Connection, *, order_id: uuid.UUID, viewer_id: uuid.UUID
+) -> tuple[Principal, EncodedOrder | None]:
+    """The viewer as the database knows them, and the order serialised when they may see it.
+
+    Raises Unauthorized when the viewer's account no longer exists.
+    """
+    row = await order_queries.read_order_as(conn, order_id=order_id, viewer_id=viewer_id)
+    if row is None:
+        raise Unauthorized("The access token is not valid.")
+    viewer = Principal(id=viewer_id, role=UserRole(row["viewer_role"]))
+    if row["id"] is None:
+        return viewer, None
+    fields = dict(row)
+    del fields["viewer_role"]
+    return viewer, encode_order(fields)
 
 
 async def read_order_page(

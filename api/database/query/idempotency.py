@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import delete, func, select, tuple_
@@ -16,49 +15,18 @@ from api.models import IdempotencyKey
 _LOCK_NAMESPACE = "idempotency-key:"
 
 
-@dataclass(frozen=True, slots=True)
-class StoredResponse:
-    request_hash: bytes
-    status_code: int
-    body: bytes
-    order_id: uuid.UUID | None
+def lock_name(user_id: uuid.UUID, key: str) -> str:
+    """What the advisory lock of (user, key) is hashed from."""
+    return f"{_LOCK_NAMESPACE}{user_id}:{key}"
 
 
 async def try_lock_key(session: AsyncSession, *, user_id: uuid.UUID, key: str) -> bool:
     """Take the transaction-scoped lock of (user, key) without waiting; False when it is held."""
-    lock_id = func.hashtextextended(f"{_LOCK_NAMESPACE}{user_id}:{key}", 0)
+    lock_id = func.hashtextextended(lock_name(user_id, key), 0)
     acquired: bool = (
         await session.execute(select(func.pg_try_advisory_xact_lock(lock_id)))
     ).scalar_one()
     return acquired
-
-
-async def get_stored_response(
-    session: AsyncSession, *, user_id: uuid.UUID, key: str
-) -> StoredResponse | None:
-    """The unexpired first response stored for (user, key); an expired one counts as absent."""
-    row = (
-        await session.execute(
-            select(
-                IdempotencyKey.request_hash,
-                IdempotencyKey.status_code,
-                IdempotencyKey.response_body,
-                IdempotencyKey.order_id,
-            ).where(
-                IdempotencyKey.user_id == user_id,
-                IdempotencyKey.key == key,
-                IdempotencyKey.expires_at > func.now(),
-            )
-        )
-    ).first()
-    if row is None:
-        return None
-    return StoredResponse(
-        request_hash=row.request_hash,
-        status_code=row.status_code,
-        body=row.response_body,
-        order_id=row.order_id,
-    )
 
 
 async def store_response(

@@ -1,13 +1,20 @@
-"""SQL for orders. Reads return `OrderRead` schemas, never ORM objects."""
+"""SQL for orders. Reads return `OrderRead` schemas or plain rows, never ORM objects.
+
+The hottest statements (read one order, place one order) are hand-written for asyncpg
+and run on a `raw_connection`: each is one round trip in its own transaction, the
+caller's existence and role checked in the same statement. The rest go through
+SQLAlchemy Core in the request's session.
+"""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg
 from sqlalchemy import Row, RowMapping, func, insert, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -27,6 +34,166 @@ ORDER_COLUMNS = (
     Order.created_at,
     Order.updated_at,
 )
+
+
+# Column names as the response has them; `metadata` is an attribute name the ORM reserves.
+RAW_ORDER_COLUMNS = (
+    "o.id, o.user_id, o.status, o.currency, o.items, o.total_amount, o.metadata, o.version,"
+    " o.created_at, o.updated_at"
+)
+
+# The viewer's role and the order, when it exists and the viewer may see it (owner or
+# admin); no row at all when the viewer's account no longer exists.
+_READ_ORDER_AS = f"""
+SELECT u.role AS viewer_role, {RAW_ORDER_COLUMNS}
+FROM users AS u
+LEFT JOIN orders AS o ON o.id = $2 AND (o.user_id = u.id OR u.role = 'admin')
+WHERE u.id = $1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class NewOrder:
+    """An order built in full by the caller (ids, totals, timestamps), with its event."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    currency: str
+    items_json: str
+    total_amount: int
+    metadata_json: str
+    created_at: datetime
+    event_id: uuid.UUID
+    routing_key: str
+    event_body: bytes
+    correlation_id: str | None
+
+
+# The order and its outbox row, inserted from the rows of `{source}` (none: nothing is
+# written). Appended to a WITH list whose statement binds the parameters below.
+_INSERT_ORDER_AND_EVENT = """
+new_order AS (
+    INSERT INTO orders (id, user_id, currency, items, total_amount, metadata,
+                        created_at, updated_at)
+    SELECT $2, $1, $3, $4, $5, $6, $7, $7 FROM {source}
+    RETURNING id
+),
+new_event AS (
+    INSERT INTO outbox (event_id, routing_key, body, correlation_id)
+    SELECT $8, $9, $10, $11 FROM new_order
+)
+"""
+
+_CREATE_ORDER = f"""
+WITH caller AS (SELECT id FROM users WHERE id = $1),
+{_INSERT_ORDER_AND_EVENT.format(source="caller")}
+SELECT EXISTS (SELECT FROM caller) AS caller_exists,
+       (SELECT count(*) FROM new_order) AS created
+"""
+
+# Place the order under an idempotency key, in one statement (one transaction):
+# - `lock`: a transaction lock on (user, key) without waiting: a twin in flight → not held;
+# - `stored`: the unexpired first response, when the key was used before;
+# - `claimed`: the key's record for this order, only when the lock is held and nothing
+#   is stored; the primary key decides between racers (an expired record is replaced);
+# - the order and its event only when the key was claimed.
+# A twin that committed after this statement's snapshot but before it took the lock is
+# invisible to `stored` yet blocks `claimed`: held, nothing stored, nothing created. The
+# caller runs the statement again; its new snapshot sees the stored response.
+_CREATE_ORDER_ONCE = f"""
+WITH lock AS (SELECT pg_try_advisory_xact_lock(hashtextextended($17, 0)) AS held),
+caller AS (SELECT id FROM users WHERE id = $1),
+stored AS (
+    SELECT request_hash, status_code, response_body, order_id
+    FROM idempotency_keys
+    WHERE user_id = $1 AND key = $12 AND expires_at > now()
+),
+claimed AS (
+    INSERT INTO idempotency_keys AS k
+        (user_id, key, request_hash, status_code, response_body, order_id, expires_at,
+         created_at)
+    SELECT caller.id, $12, $13, $14, $15, $2, now() + $16::interval, now()
+    FROM caller, lock
+    WHERE lock.held AND NOT EXISTS (SELECT FROM stored)
+    ON CONFLICT (user_id, key) DO UPDATE
+        SET request_hash = excluded.request_hash,
+            status_code = excluded.status_code,
+            response_body = excluded.response_body,
+            order_id = excluded.order_id,
+            expires_at = excluded.expires_at,
+            created_at = excluded.created_at
+        WHERE k.expires_at <= now()
+    RETURNING k.order_id
+),
+{_INSERT_ORDER_AND_EVENT.format(source="claimed")}
+SELECT lock.held,
+       EXISTS (SELECT FROM caller) AS caller_exists,
+       (SELECT count(*) FROM new_order) AS created,
+       stored.request_hash, stored.status_code, stored.response_body, stored.order_id
+FROM lock LEFT JOIN stored ON true
+"""
+
+
+async def read_order_as(
+    conn: asyncpg.Connection, *, order_id: uuid.UUID, viewer_id: uuid.UUID
+) -> asyncpg.Record | None:
+    """`viewer_role` and the order's columns (all None when the viewer may not see it).
+
+    None when the viewer's account no longer exists.
+    """
+    return await conn.fetchrow(_READ_ORDER_AS, viewer_id, order_id)
+
+
+def _order_arguments(order: NewOrder) -> tuple[object, ...]:
+    return (
+        order.user_id,
+        order.id,
+        order.currency,
+        order.items_json,
+        order.total_amount,
+        order.metadata_json,
+        order.created_at,
+        order.event_id,
+        order.routing_key,
+        order.event_body,
+        order.correlation_id,
+    )
+
+
+async def create_order(conn: asyncpg.Connection, order: NewOrder) -> bool:
+    """Insert the order and its event; False (nothing written) when the user is gone."""
+    row = await conn.fetchrow(_CREATE_ORDER, *_order_arguments(order))
+    return bool(row["created"])
+
+
+async def create_order_once(
+    conn: asyncpg.Connection,
+    order: NewOrder,
+    *,
+    key: str,
+    lock_name: str,
+    request_hash: bytes,
+    status_code: int,
+    response_body: bytes,
+    ttl: timedelta,
+) -> asyncpg.Record:
+    """Insert the order, its event and the key's record, unless the key is held or used.
+
+    `lock_name` names the key's advisory lock (`idempotency.lock_name`). The row has
+    `held`, `caller_exists`, `created` (0 or 1) and, when the key was used before, the
+    stored `request_hash`, `status_code`, `response_body` and `order_id`.
+    """
+    row: asyncpg.Record = await conn.fetchrow(
+        _CREATE_ORDER_ONCE,
+        *_order_arguments(order),
+        key,
+        request_hash,
+        status_code,
+        response_body,
+        ttl,
+        lock_name,
+    )
+    return row
 
 
 def order_from_row(row: Row[tuple[object, ...]]) -> OrderRead:
