@@ -115,6 +115,17 @@ async def test_register_without_a_name_stores_none(client: httpx.AsyncClient) ->
     assert response.json()["name"] is None
 
 
+@pytest.mark.parametrize(("given", "stored"), [("  Ada Lovelace \n", "Ada Lovelace"), ("\n", None)])
+async def test_register_trims_the_name_and_a_blank_one_is_no_name(
+    client: httpx.AsyncClient, given: str, stored: str | None
+) -> None:
+    # Found by Schemathesis: "\n" matches the documented 1-200 characters, so it must
+    # not be a 422.
+    response = await register(client, fresh_email(), name=given)
+    assert response.status_code == 201, response.text
+    assert response.json()["name"] == stored
+
+
 @pytest.mark.parametrize("length", [8, 1024])
 async def test_register_accepts_passwords_at_the_length_bounds(
     client: httpx.AsyncClient, length: int

@@ -27,6 +27,12 @@ RefreshTokenValue = Annotated[
 ]
 
 
+def _trimmed_or_none(name: str) -> str | None:
+    # Trimmed after validation: a name of only whitespace is no name, not a 422 that the
+    # documented schema (1-200 characters) would not predict.
+    return name.strip() or None
+
+
 class RegisterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -35,9 +41,8 @@ class RegisterRequest(BaseModel):
     name: (
         Annotated[
             str,
-            StringConstraints(
-                strip_whitespace=True, min_length=1, max_length=200, pattern=WITHOUT_NUL
-            ),
+            StringConstraints(min_length=1, max_length=200, pattern=WITHOUT_NUL),
+            AfterValidator(_trimmed_or_none),
         ]
         | None
     ) = None
