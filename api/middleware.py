@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-import uuid
+from random import getrandbits
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -25,13 +25,28 @@ _REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 access_log = logging.getLogger("api.access")
 
 
+# The version (4) and variant (RFC 9562) bits of a random UUID.
+_UUID4_CLEAR = ~((0xC000 << 48) | (0xF000 << 64)) & ((1 << 128) - 1)
+_UUID4_SET = (0x8000 << 48) | (4 << 76)
+
+
+def new_request_id() -> str:
+    """A random (version 4) UUID as text, a third of `str(uuid.uuid4())`'s cost.
+
+    A request id must be unique, not unguessable, so it comes from the process's
+    Mersenne Twister (seeded from the OS, again after a fork) instead of a system call.
+    """
+    digits = "%032x" % (getrandbits(128) & _UUID4_CLEAR | _UUID4_SET)
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
 def _incoming_request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == b"x-request-id":
             if _REQUEST_ID_RE.match(value):
                 return bytes(value).decode("ascii")
             break
-    return str(uuid.uuid4())
+    return new_request_id()
 
 
 def _content_length(scope: Scope) -> int | None:

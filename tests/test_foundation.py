@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 
 import httpx
@@ -115,7 +117,18 @@ async def test_invalid_request_id_is_replaced_by_a_uuid(
     response = await client.get("/ping", headers={"X-Request-ID": bad})
     generated = response.headers["x-request-id"]
     assert generated != bad
-    assert len(generated) == 36
+    assert str(uuid.UUID(generated)) == generated
+    assert uuid.UUID(generated).version == 4
+
+
+async def test_generated_request_ids_are_distinct_version_4_uuids(
+    client: httpx.AsyncClient,
+) -> None:
+    answers = await asyncio.gather(*(client.get("/ping") for _ in range(200)))
+    ids = {answer.headers["x-request-id"] for answer in answers}
+    assert len(ids) == 200
+    assert {uuid.UUID(request_id).version for request_id in ids} == {4}
+    assert {uuid.UUID(request_id).variant for request_id in ids} == {uuid.RFC_4122}
 
 
 async def test_body_over_one_mebibyte_is_413(client: httpx.AsyncClient) -> None:
