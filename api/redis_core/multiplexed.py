@@ -10,12 +10,13 @@ resolves the oldest waiting caller, and under load one read brings many replies.
 Failures look like redis-py's (`ConnectionError`, `TimeoutError`, `ResponseError`),
 so the callers' circuit handling is the same for both clients. A reply that does not
 come within the socket timeout closes the connection (a hung Redis fails every
-caller waiting on it, at most one timeout late); the next call connects again.
+caller waiting on it, within 1.25 timeouts); the next call connects again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections import deque
 from collections.abc import Sequence
@@ -56,16 +57,43 @@ def pack_command(args: Sequence[Arg]) -> bytes:
 
 
 class _ReplyProtocol(asyncio.Protocol):
-    """Parses replies and hands each to the oldest waiting future."""
+    """Writes commands, parses replies and hands each to the oldest waiting future.
+
+    Commands made in one pass of the event loop leave in one write; each waiter keeps
+    the loop time by which its reply is due, for the connection's watchdog.
+    """
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
         self._reader = hiredis.Reader()
+        self._outgoing: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCP transport implements asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+
+    def send(self, command: bytes, timeout: float) -> asyncio.Future[Any]:
+        """Queue `command`; its reply (or error) resolves the returned future."""
+        if self.transport is None:
+            raise RedisConnectionError("connection to Redis lost")
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self.waiting.append((future, self._loop.time() + timeout))
+        if not self._outgoing:
+            self._loop.call_soon(self._flush)
+        self._outgoing.append(command)
+        return future
+
+    def _flush(self) -> None:
+        data = b"".join(self._outgoing)
+        self._outgoing.clear()
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def overdue(self) -> bool:
+        """Whether the oldest waiter's reply is past due (replies come in order)."""
+        return bool(self.waiting) and self.waiting[0][1] < self._loop.time()
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
@@ -73,7 +101,7 @@ class _ReplyProtocol(asyncio.Protocol):
             if not self.waiting:  # a reply nobody asked for: the stream is out of step
                 self.fail(RedisConnectionError("unexpected reply from Redis"))
                 return
-            future = self.waiting.popleft()
+            future, _ = self.waiting.popleft()
             if future.done():  # its caller gave up (cancelled); the order still holds
                 continue
             if isinstance(reply, hiredis.ReplyError):
@@ -90,13 +118,14 @@ class _ReplyProtocol(asyncio.Protocol):
     def fail(self, error: Exception) -> None:
         """Close the connection; every waiting caller gets `error`."""
         transport, self.transport = self.transport, None
+        self._outgoing.clear()
         self._fail_waiting(error)
         if transport is not None:
             transport.abort()
 
     def _fail_waiting(self, error: Exception) -> None:
         while self.waiting:
-            future = self.waiting.popleft()
+            future, _ = self.waiting.popleft()
             if not future.done():
                 future.set_exception(error)
                 future.exception()  # retrieved: its caller may have gone
@@ -118,6 +147,7 @@ class MultiplexedRedis:
         self._setup.append(["SELECT", settings.REDIS_DB])
         self._setup.append(["CLIENT", "SETNAME", "orders-api-mux"])
         self._protocol: _ReplyProtocol | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._connecting = asyncio.Lock()
 
     async def execute(self, *args: Arg) -> Any:
@@ -125,41 +155,41 @@ class MultiplexedRedis:
         protocol = self._protocol
         if protocol is None or protocol.transport is None:
             protocol = await self._connect()
-        return await self._call(protocol, pack_command(args))
+        return await protocol.send(pack_command(args), self._timeout)
 
-    async def _call(self, protocol: _ReplyProtocol, command: bytes) -> Any:
-        transport = protocol.transport
-        if transport is None:
-            raise RedisConnectionError("connection to Redis lost")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        protocol.waiting.append(future)
-        transport.write(command)
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await future
-        except TimeoutError:
-            protocol.fail(RedisTimeoutError("Redis did not answer in time"))
-            raise RedisTimeoutError("Redis did not answer in time") from None
+    async def _watch(self, protocol: _ReplyProtocol) -> None:
+        """Fail the connection when a reply is overdue: Redis hangs, every waiter learns it.
+
+        One task per connection instead of a timer per call; a waiter hears of a hung
+        Redis between one and 1.25 socket timeouts after it asked.
+        """
+        while protocol.transport is not None:
+            await asyncio.sleep(self._timeout / 4)
+            if protocol.overdue():
+                protocol.fail(RedisTimeoutError("Redis did not answer in time"))
 
     async def _connect(self) -> _ReplyProtocol:
         async with self._connecting:
             if self._protocol is not None and self._protocol.transport is not None:
                 return self._protocol
             loop = asyncio.get_running_loop()
+            protocol: _ReplyProtocol | None = None
             try:
+                # Connecting and the setup commands, within one socket timeout.
                 async with asyncio.timeout(self._timeout):
                     _, protocol = await loop.create_connection(
                         _ReplyProtocol, self._host, self._port
                     )
-            except (OSError, TimeoutError) as exc:
-                raise RedisConnectionError(f"cannot connect to Redis: {exc}") from None
-            try:
-                for command in self._setup:
-                    await self._call(protocol, pack_command(command))
-            except BaseException:
-                protocol.fail(RedisConnectionError("Redis connection setup failed"))
+                    for command in self._setup:
+                        await protocol.send(pack_command(command), self._timeout)
+            except BaseException as exc:
+                if protocol is not None:
+                    protocol.fail(RedisConnectionError("Redis connection setup failed"))
+                if isinstance(exc, OSError | TimeoutError):
+                    raise RedisConnectionError(f"cannot connect to Redis: {exc!r}") from None
                 raise
             self._protocol = protocol
+            self._watchdog = asyncio.create_task(self._watch(protocol), name="redis-mux-watchdog")
             return protocol
 
     def register_script(self, script: str) -> MultiplexedScript:
@@ -169,6 +199,11 @@ class MultiplexedRedis:
         if self._protocol is not None:
             self._protocol.fail(RedisConnectionError("client closed"))
             self._protocol = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None
 
 
 class MultiplexedScript:
