@@ -158,6 +158,8 @@ class OutboxRelay:
                     self._backlog.set()
                 continue
             if not leader:
+                # Helped enough: wait for the leader's next full batch, not the last one.
+                self._backlog.clear()
                 await self._sleep_until(self._backlog, self._poll_interval)
                 continue
             self._backlog.clear()
