@@ -408,3 +408,23 @@ async def test_concurrent_misses_read_postgres_once(
     order_reads = [s for s in statements if "orders" in s]
     assert len(order_reads) == 1, order_reads
     assert again.headers["x-cache"] == "HIT"
+
+
+async def test_with_the_limiter_off_the_cache_still_serves_and_invalidates(
+    app_factory: Callable[..., FastAPI], user: TestUser
+) -> None:
+    async with serve(fresh(app_factory, RATE_LIMIT_ENABLED="false")) as client:
+        order = await make_order(client, user)
+        url = f"/v1/orders/{order['id']}"
+        first = await client.get(url, headers=user.headers)
+        async with request_queries() as statements:
+            hit = await client.get(url, headers=user.headers)
+        cancelled = await client.post(f"{url}/cancel", headers=user.headers)
+        after = await client.get(url, headers=user.headers)
+    assert first.headers["x-cache"] == "MISS"
+    assert hit.headers["x-cache"] == "HIT"
+    assert statements == []
+    assert "ratelimit" not in hit.headers
+    assert cancelled.status_code == 200
+    assert after.headers["x-cache"] == "MISS"
+    assert after.json()["status"] == "cancelled"

@@ -20,6 +20,7 @@ import logging
 import secrets
 import uuid
 from dataclasses import dataclass
+from typing import cast
 
 from redis.asyncio import Redis
 
@@ -71,6 +72,7 @@ class ResponseCache:
         self.ttl = settings.REDIS_TTL_EXPIRE
         # Run after every write: on the pipelined connection when there is one.
         self._bump = (scripts or redis).register_script(BUMP_GENERATIONS)
+        self._pipelined = scripts
         # Owners whose invalidation failed (Redis away); bumped before the next read.
         self._pending: set[uuid.UUID] = set()
 
@@ -91,6 +93,21 @@ class ResponseCache:
     def trustworthy(self) -> bool:
         """False while an invalidation is owed: entries may then be stale, so bypass."""
         return not self._pending
+
+    async def fetch(self, keys: list[str]) -> list[bytes | None] | None:
+        """The values of `keys` (`CacheKeys.as_list()`) when the limiter does not read them;
+        None while Redis is away."""
+        if not self.circuit.allow():
+            return None
+        try:
+            if self._pipelined is not None:
+                values = await self._pipelined.execute("MGET", *keys)
+            else:
+                values = await self._redis.mget(keys)
+        except REDIS_UNAVAILABLE:
+            self.circuit.failed()
+            return None
+        return cast(list[bytes | None], values)
 
     @staticmethod
     def read(

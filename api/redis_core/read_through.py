@@ -18,7 +18,6 @@ from fastapi import Request
 from api.errors import ProblemError, Unauthorized
 from api.helpers.auth import Principal, decode_access_token
 from api.redis_core.cache import CachedResponse, CacheKeys
-from api.redis_core.circuit import REDIS_UNAVAILABLE
 from api.redis_core.rate_limiter import client_ip, enforce
 from api.state import get_state
 
@@ -83,12 +82,8 @@ async def lookup(request: Request, token: str | None, resource: str) -> CacheLoo
     if limiter.enabled:
         decision = await enforce(request, limiter, POLICY, identity, read_keys=read_keys)
         values = decision.values
-    elif read_keys and cache.circuit.allow():
-        try:
-            values = cast(list[bytes | None], await state["redis"].mget(read_keys))
-        except REDIS_UNAVAILABLE:
-            cache.circuit.failed()
-            values = None
+    elif read_keys:
+        values = await cache.fetch(read_keys)
 
     if auth_error is not None:
         raise auth_error
