@@ -146,14 +146,6 @@ def token_subject(request: Request, token: str | None) -> uuid.UUID:
     return user_id
 
 
-async def get_token_subject(
-    request: Request, token: Annotated[str | None, Depends(oauth2_scheme)]
-) -> uuid.UUID:
-    """The caller's id as the token says; the one statement the route runs must check
-    that the user still exists (and read their role), as `get_current_user` does."""
-    return token_subject(request, token)
-
-
 async def get_current_user(
     request: Request,
     session: SessionDep,
@@ -175,5 +167,4 @@ async def require_admin(user: Annotated[Principal, Depends(get_current_user)]) -
 
 
 CurrentUser = Annotated[Principal, Depends(get_current_user)]
-TokenSubject = Annotated[uuid.UUID, Depends(get_token_subject)]
 AdminUser = Annotated[Principal, Depends(require_admin)]

@@ -256,14 +256,19 @@ async def enforce(
 IP_POLICIES = frozenset({"auth"})
 
 
+async def spend_token(request: Request, policy_name: str) -> Decision | None:
+    """Spend one token of `policy_name` for this request's caller; 429 when refused."""
+    limiter = get_state(request)["limiter"]
+    if not limiter.enabled:
+        return None
+    identity = request_identity(request, by_ip=policy_name in IP_POLICIES)
+    return await enforce(request, limiter, policy_name, identity)
+
+
 def rate_limit(policy_name: str) -> Any:
     """A route dependency spending one token of `policy_name`; 429 when the bucket is empty."""
-    by_ip = policy_name in IP_POLICIES
 
-    async def spend_token(request: Request) -> Decision | None:
-        limiter = get_state(request)["limiter"]
-        if not limiter.enabled:
-            return None
-        return await enforce(request, limiter, policy_name, request_identity(request, by_ip=by_ip))
+    async def spend(request: Request) -> Decision | None:
+        return await spend_token(request, policy_name)
 
-    return Depends(spend_token)
+    return Depends(spend)

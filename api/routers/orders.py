@@ -6,7 +6,7 @@ import uuid
 from datetime import timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.database.connection import SessionDep, after_commit, open_session, raw_connection
@@ -17,7 +17,6 @@ from api.helpers.auth import (
     AdminUser,
     CurrentUser,
     Principal,
-    TokenSubject,
     bearer_token,
     get_current_user,
     token_subject,
@@ -27,7 +26,7 @@ from api.helpers.etags import if_match_versions, none_match, order_etag
 from api.helpers.logger import request_id_var
 from api.helpers.pagination import InvalidCursor
 from api.redis_core import read_through
-from api.redis_core.rate_limiter import rate_limit
+from api.redis_core.rate_limiter import rate_limit, spend_token
 from api.schemas.orders import OrderCreate, OrderPage, OrderRead, OrderStatusUpdate
 from api.services import orders as order_service
 from api.services.idempotency import IDEMPOTENCY_KEY_PATTERN, CreateOutcome, create_order_once
@@ -130,16 +129,26 @@ def _invalidate_after_commit(request: Request, session: AsyncSession, owner_id: 
     after_commit(session, lambda: read_through.invalidate_after_write(request, owner_id))
 
 
+async def limited_creator(request: Request) -> uuid.UUID:
+    """Spend an ORDERS_CREATE token, then the caller the bearer token names.
+
+    One dependency for both (FastAPI's per-dependency work costs more than either
+    step); the statement that creates the order checks the user still exists.
+    """
+    await spend_token(request, "orders_create")
+    return token_subject(request, bearer_token(request))
+
+
 @router.post(
     "",
     status_code=201,
     response_model=OrderRead,
     responses=_problems(401, 409, 422, 429),
-    dependencies=[rate_limit("orders_create")],
+    openapi_extra={"security": BEARER_SECURITY},
 )
 async def create_order(
     payload: OrderCreate,
-    user_id: TokenSubject,
+    user_id: Annotated[uuid.UUID, Depends(limited_creator)],
     request: Request,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
