@@ -186,6 +186,24 @@ async def test_fifty_concurrent_creates_with_one_key_make_one_order_and_one_even
     assert await key_rows(sessionmaker, user.id) == [key]
 
 
+async def test_waves_of_twins_on_fresh_keys_each_make_exactly_one_order(
+    client: httpx.AsyncClient, user: TestUser, sessionmaker: Sessionmaker
+) -> None:
+    # Twins arriving as the first commits are the ones whose snapshot can predate the
+    # stored response while they take the freed lock: the statement must then neither
+    # create a second order nor answer without a stored response (it runs again).
+    keys = [new_key() for _ in range(20)]
+    waves = [
+        await asyncio.gather(*(post_order(client, user, key) for _ in range(10))) for key in keys
+    ]
+    for responses in waves:
+        assert {r.status_code for r in responses} <= {201, 409}
+        bodies = {r.content for r in responses if r.status_code == 201}
+        assert len(bodies) == 1
+    assert len(await order_ids(sessionmaker, user.id)) == len(keys)
+    assert sorted(await key_rows(sessionmaker, user.id)) == sorted(keys)
+
+
 VALID_KEYS = {
     "one char": "a",
     "255 chars": "k" * 255,
