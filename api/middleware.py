@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.errors import PROBLEM_CONTENT_TYPE, InternalError, PayloadTooLarge, problem_body
 from api.helpers.logger import request_id_var
 from api.helpers.orjson_coder import dumps
-from api.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from api.metrics import http_latency, http_requests
 
 MAX_BODY_BYTES = 1024 * 1024
 _REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
@@ -57,25 +57,6 @@ def _content_length(scope: Scope) -> int | None:
             except ValueError:
                 return None
     return None
-
-
-# Per-request metric children, by label values: `labels()` validates and locks on every
-# call; the set of (method, route template, status) a service answers with is small.
-_COUNTERS: dict[tuple[str, str, int], Any] = {}
-_HISTOGRAMS: dict[tuple[str, str], Any] = {}
-
-
-def _record(method: str, template: str, status: int, duration: float) -> None:
-    counter = _COUNTERS.get((method, template, status))
-    if counter is None:
-        counter = _COUNTERS[method, template, status] = HTTP_REQUESTS.labels(
-            method, template, str(status)
-        )
-    histogram = _HISTOGRAMS.get((method, template))
-    if histogram is None:
-        histogram = _HISTOGRAMS[method, template] = HTTP_LATENCY.labels(method, template)
-    counter.inc()
-    histogram.observe(duration)
 
 
 class RequestContextMiddleware:
@@ -162,7 +143,8 @@ class RequestContextMiddleware:
             route = scope.get("route")
             template = getattr(route, "path_format", None) or "unmatched"
             method = scope["method"]
-            _record(method, template, status, duration)
+            http_requests(method, template, status).inc()
+            http_latency(method, template).observe(duration)
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info(
                     "request",

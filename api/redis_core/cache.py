@@ -25,7 +25,7 @@ from typing import cast
 from redis.asyncio import Redis
 
 from api.configs import Settings
-from api.metrics import CACHE_LOOKUPS
+from api.metrics import cache_lookups
 from api.redis_core.circuit import REDIS_UNAVAILABLE, RedisCircuit
 from api.redis_core.lua_script import BUMP_GENERATIONS
 from api.redis_core.multiplexed import MultiplexedRedis
@@ -123,7 +123,7 @@ class ResponseCache:
             if generation == (current or b"0"):
                 etag, _, body = rest.partition(b"\n")
                 cached = CachedResponse(etag=etag.decode(), body=body)
-        CACHE_LOOKUPS.labels("hit" if cached is not None else "miss").inc()
+        cache_lookups("hit" if cached is not None else "miss").inc()
         return cached, user_generation, all_generation
 
     async def store(

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from api.configs import RateLimitPolicy, Settings
 from api.errors import ProblemError, RateLimited
 from api.helpers.auth import decode_access_token
-from api.metrics import RATE_LIMIT_DECISIONS, RATE_LIMIT_FALLBACKS
+from api.metrics import RATE_LIMIT_FALLBACKS, rate_limit_decisions
 from api.redis_core.circuit import REDIS_UNAVAILABLE, RedisCircuit
 from api.redis_core.lua_script import TOKEN_BUCKET
 from api.redis_core.multiplexed import MultiplexedRedis
@@ -131,7 +131,7 @@ class RateLimiter:
             self._in_outage = False
             logger.info("redis reachable again: rate limiting back on redis")
         if cost:
-            RATE_LIMIT_DECISIONS.labels(
+            rate_limit_decisions(
                 policy.name, "allow" if decision.allowed else "deny", decision.backend
             ).inc()
         return decision
