@@ -39,7 +39,7 @@ from api.redis_core.multiplexed import MultiplexedRedis
 from api.redis_core.rate_limiter import RateLimiter
 from api.routers import auth, events, orders, ping, rate_limits, redirect
 from api.schemas.orders import OrderRead
-from api.services.idempotency_sweeper import IdempotencyKeySweeper
+from api.services.retention_sweeper import RetentionSweeper
 from api.state import AppState
 
 logger = logging.getLogger(__name__)
@@ -79,8 +79,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
     rpc = RpcClient(rabbit)
     await rpc.start()
     sessionmaker = create_sessionmaker(engine)
-    idempotency_sweeper = IdempotencyKeySweeper(sessionmaker)
-    idempotency_sweeper.start()
+    retention_sweeper = RetentionSweeper(sessionmaker)
+    retention_sweeper.start()
     # One circuit for the limiter and the cache: a hung Redis is noticed once, by both.
     redis_circuit = RedisCircuit(redis)
     # The limiter's and the cache's per-request scripts share one pipelined connection.
@@ -108,7 +108,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
     finally:
         # First: the relay finishes its batch, the status consumer its in-flight messages.
         await event_workers.stop()
-        await idempotency_sweeper.close()
+        await retention_sweeper.close()
         await rpc.close()
         await rabbit.close()
         await redis_circuit.close()

@@ -14,7 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.database.query.idempotency import store_response, try_lock_key
-from api.services.idempotency_sweeper import IdempotencyKeySweeper
+from api.services.retention_sweeper import RetentionSweeper
 from tests.factories import TestUser, order_events, order_payload
 
 PROBLEM_PREFIX = "urn:orders-api:problem:"
@@ -322,9 +322,9 @@ async def test_sweep_deletes_only_expired_records(
     for index in range(5):
         await insert_record(sessionmaker, user.id, f"old-{index}", timedelta(seconds=-1))
     await insert_record(sessionmaker, user.id, "live", timedelta(hours=1))
-    sweeper = IdempotencyKeySweeper(sessionmaker, batch_size=2)
+    sweeper = RetentionSweeper(sessionmaker, batch_size=2)
 
-    deleted = await sweeper.sweep()
+    deleted = (await sweeper.sweep())["idempotency_keys"]
 
     assert deleted >= 5  # other tests' expired records may go too
     assert await key_rows(sessionmaker, user.id) == ["live"]
@@ -334,7 +334,7 @@ async def test_sweep_skips_a_record_a_request_holds(
     user: TestUser, sessionmaker: Sessionmaker
 ) -> None:
     await insert_record(sessionmaker, user.id, "held", timedelta(seconds=-1))
-    sweeper = IdempotencyKeySweeper(sessionmaker)
+    sweeper = RetentionSweeper(sessionmaker)
     async with sessionmaker() as holder, holder.begin():
         await holder.execute(
             text("SELECT 1 FROM idempotency_keys WHERE user_id = :id AND key = 'held' FOR UPDATE"),
@@ -350,7 +350,7 @@ async def test_the_background_sweeper_removes_expired_records(
     user: TestUser, sessionmaker: Sessionmaker
 ) -> None:
     await insert_record(sessionmaker, user.id, "stale", timedelta(seconds=-1))
-    sweeper = IdempotencyKeySweeper(sessionmaker, interval=0.05)
+    sweeper = RetentionSweeper(sessionmaker, interval=0.05)
     sweeper.start()
     try:
         deadline = time.monotonic() + 10

@@ -35,7 +35,11 @@ class RefreshToken(CreatedAtMixin, Base):
     """One issued refresh token; a family is every token rotated from one login."""
 
     __tablename__ = "refresh_tokens"
-    __table_args__ = (Index("ix_refresh_tokens_family_id", "family_id"),)
+    __table_args__ = (
+        Index("ix_refresh_tokens_family_id", "family_id"),
+        # The retention sweep deletes expired tokens in batches.
+        Index("ix_refresh_tokens_expires_at", "expires_at"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
     user_id: Mapped[uuid.UUID] = mapped_column(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -21,3 +24,25 @@ async def record_processed_message(session: AsyncSession, *, message_id: str) ->
         .returning(ProcessedMessage.message_id)
     )
     return result.first() is not None
+
+
+async def delete_processed_messages(
+    session: AsyncSession, *, older_than: timedelta, batch_size: int
+) -> int:
+    """Forget up to `batch_size` ids applied more than `older_than` ago; the number deleted.
+
+    A redelivery of a message that old no longer counts as a duplicate: brokers redeliver
+    within minutes, and a status already held is a no-op anyway.
+    """
+    old = (
+        select(ProcessedMessage.message_id)
+        .where(ProcessedMessage.processed_at < func.now() - older_than)
+        .limit(batch_size)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    result = await session.execute(
+        delete(ProcessedMessage).where(ProcessedMessage.message_id.in_(old))
+    )
+    deleted: int = result.rowcount  # type: ignore[attr-defined]
+    return deleted
