@@ -68,9 +68,9 @@ async def delete_expired_keys(session: AsyncSession, *, batch_size: int) -> int:
         .with_for_update(skip_locked=True)
     )
     result = await session.execute(
-        delete(IdempotencyKey).where(
-            tuple_(IdempotencyKey.user_id, IdempotencyKey.key).in_(expired)
-        )
+        delete(IdempotencyKey)
+        .where(tuple_(IdempotencyKey.user_id, IdempotencyKey.key).in_(expired))
+        .execution_options(synchronize_session=False)
     )
     deleted: int = result.rowcount  # type: ignore[attr-defined]
     return deleted

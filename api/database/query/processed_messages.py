@@ -42,7 +42,9 @@ async def delete_processed_messages(
         .scalar_subquery()
     )
     result = await session.execute(
-        delete(ProcessedMessage).where(ProcessedMessage.message_id.in_(old))
+        delete(ProcessedMessage)
+        .where(ProcessedMessage.message_id.in_(old))
+        .execution_options(synchronize_session=False)
     )
     deleted: int = result.rowcount  # type: ignore[attr-defined]
     return deleted

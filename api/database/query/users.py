@@ -157,6 +157,10 @@ async def delete_expired_refresh_tokens(session: AsyncSession, *, batch_size: in
         .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
-    result = await session.execute(delete(RefreshToken).where(RefreshToken.id.in_(expired)))
+    result = await session.execute(
+        delete(RefreshToken)
+        .where(RefreshToken.id.in_(expired))
+        .execution_options(synchronize_session=False)
+    )
     deleted: int = result.rowcount  # type: ignore[attr-defined]
     return deleted
