@@ -759,8 +759,13 @@ async def test_orders_taken_while_rabbitmq_is_down_are_all_published_after_it_re
                 )
                 await _wait_until_paid(sessionmaker, uuid.UUID(order_id))
         finally:
-            await _delete_status_queue(connection, own)
             await connection.close()
+    # Deleted once the late app has stopped: a running consumer would declare it again.
+    connection = await aio_pika.connect(settings.rabbitmq_url, timeout=10)
+    try:
+        await _delete_status_queue(connection, own)
+    finally:
+        await connection.close()
 
 
 # --- AsyncAPI ------------------------------------------------------------------------------
