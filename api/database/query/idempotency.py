@@ -5,10 +5,11 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
-from sqlalchemy import delete, func, select, tuple_
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.database.query.batches import delete_batch
 from api.models import IdempotencyKey
 
 # Namespaces the advisory-lock key, so other users of the bigint lock space cannot collide.
@@ -61,16 +62,9 @@ async def store_response(
 
 async def delete_expired_keys(session: AsyncSession, *, batch_size: int) -> int:
     """Delete up to `batch_size` expired records, skipping rows a request holds; the count."""
-    expired = (
-        select(IdempotencyKey.user_id, IdempotencyKey.key)
-        .where(IdempotencyKey.expires_at < func.now())
-        .limit(batch_size)
-        .with_for_update(skip_locked=True)
+    return await delete_batch(
+        session,
+        (IdempotencyKey.user_id, IdempotencyKey.key),
+        IdempotencyKey.expires_at < func.now(),
+        limit=batch_size,
     )
-    result = await session.execute(
-        delete(IdempotencyKey)
-        .where(tuple_(IdempotencyKey.user_id, IdempotencyKey.key).in_(expired))
-        .execution_options(synchronize_session=False)
-    )
-    deleted: int = result.rowcount  # type: ignore[attr-defined]
-    return deleted

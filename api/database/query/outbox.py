@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import BigInteger, any_, bindparam, delete, func, insert, select, text, update
+from sqlalchemy import BigInteger, any_, bindparam, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.database.query.batches import delete_batch
 from api.events import NewOutboxEvent
 from api.models import OutboxEvent
 
@@ -108,16 +109,6 @@ async def delete_sent_outbox_events(
     session: AsyncSession, *, older_than: timedelta, limit: int
 ) -> int:
     """Delete up to `limit` rows sent more than `older_than` ago; returns how many went."""
-    doomed = (
-        select(OutboxEvent.id)
-        .where(OutboxEvent.sent_at < func.now() - older_than)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
+    return await delete_batch(
+        session, (OutboxEvent.id,), OutboxEvent.sent_at < func.now() - older_than, limit=limit
     )
-    result = await session.execute(
-        delete(OutboxEvent)
-        .where(OutboxEvent.id.in_(doomed))
-        .execution_options(synchronize_session=False)
-    )
-    return int(result.rowcount)  # type: ignore[attr-defined]

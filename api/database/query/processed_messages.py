@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import func
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.database.query.batches import delete_batch
 from api.models import ProcessedMessage
 
 
@@ -34,17 +35,9 @@ async def delete_processed_messages(
     A redelivery of a message that old no longer counts as a duplicate: brokers redeliver
     within minutes, and a status already held is a no-op anyway.
     """
-    old = (
-        select(ProcessedMessage.message_id)
-        .where(ProcessedMessage.processed_at < func.now() - older_than)
-        .limit(batch_size)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
+    return await delete_batch(
+        session,
+        (ProcessedMessage.message_id,),
+        ProcessedMessage.processed_at < func.now() - older_than,
+        limit=batch_size,
     )
-    result = await session.execute(
-        delete(ProcessedMessage)
-        .where(ProcessedMessage.message_id.in_(old))
-        .execution_options(synchronize_session=False)
-    )
-    deleted: int = result.rowcount  # type: ignore[attr-defined]
-    return deleted

@@ -6,10 +6,11 @@ import uuid
 from datetime import timedelta
 from typing import NamedTuple
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.database.query.batches import delete_batch
 from api.models import RefreshToken, User
 
 
@@ -150,17 +151,6 @@ async def revoke_family_of_user_token(
 async def delete_expired_refresh_tokens(session: AsyncSession, *, batch_size: int) -> int:
     """Delete up to `batch_size` expired refresh tokens (an expired token is refused
     whatever its row says); rows a request holds are skipped. The number deleted."""
-    expired = (
-        select(RefreshToken.id)
-        .where(RefreshToken.expires_at < func.now())
-        .limit(batch_size)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
+    return await delete_batch(
+        session, (RefreshToken.id,), RefreshToken.expires_at < func.now(), limit=batch_size
     )
-    result = await session.execute(
-        delete(RefreshToken)
-        .where(RefreshToken.id.in_(expired))
-        .execution_options(synchronize_session=False)
-    )
-    deleted: int = result.rowcount  # type: ignore[attr-defined]
-    return deleted
