@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from fastapi.routing import iter_route_contexts
 from sqlalchemy import exc as sa_exc
@@ -29,7 +28,7 @@ from api.errors import (
 from api.event_workers import EventWorkers
 from api.helpers.logger import configure_logging
 from api.helpers.orjson_coder import ORJSONResponse
-from api.middleware import RequestContextMiddleware
+from api.middleware import ProblemCORSMiddleware, RequestContextMiddleware
 from api.rabbit_core.client import RabbitClient, RabbitUnavailable
 from api.rabbit_core.rpc import RpcClient
 from api.redis_core.cache import ResponseCache
@@ -236,7 +235,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # With no origin allowed there is nothing to answer a browser with: no layer
         # (and no `Vary: Origin`) on every request.
         app.add_middleware(
-            CORSMiddleware,
+            ProblemCORSMiddleware,
             allow_origins=settings.ENV_ALLOWED_ORIGINS,
             allow_credentials="*" not in settings.ENV_ALLOWED_ORIGINS,
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],

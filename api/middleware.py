@@ -1,4 +1,4 @@
-"""The outermost ASGI middleware: request id, body limit, access log line and metrics.
+"""The outermost ASGI middleware (request id, body limit, access log line, metrics) and CORS.
 
 It is plain ASGI (no `BaseHTTPMiddleware`), so a request costs one wrapper call and
 streaming responses are not buffered.
@@ -12,9 +12,18 @@ import time
 from random import getrandbits
 from typing import Any
 
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import PROBLEM_CONTENT_TYPE, InternalError, PayloadTooLarge, problem_body
+from api.errors import (
+    PROBLEM_CONTENT_TYPE,
+    BadRequest,
+    InternalError,
+    PayloadTooLarge,
+    problem_body,
+)
 from api.helpers.logger import request_id_var
 from api.helpers.orjson_coder import dumps
 from api.metrics import http_latency, http_requests
@@ -186,3 +195,46 @@ class RequestContextMiddleware:
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+class _RefusedPreflight(Response):
+    """A refused CORS preflight as problem+json; the body needs the request's path and id."""
+
+    def __init__(self, detail: str, cors_headers: list[tuple[bytes, bytes]]) -> None:
+        super().__init__(status_code=BadRequest.status, media_type=PROBLEM_CONTENT_TYPE)
+        self._detail = detail
+        self._cors_headers = cors_headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = dumps(
+            problem_body(
+                status=BadRequest.status,
+                slug=BadRequest.slug,
+                detail=self._detail,
+                instance=scope["path"],
+                request_id=request_id_var.get(),
+            )
+        )
+        headers = [
+            *self._cors_headers,
+            (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class ProblemCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS handling; a refused preflight is problem+json like every error."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers=request_headers)
+        if response.status_code != BadRequest.status:
+            return response
+        # Starlette's text names what was refused ("Disallowed CORS origin, headers").
+        cors_headers = [
+            (name, value)
+            for name, value in response.raw_headers
+            if name not in (b"content-type", b"content-length")
+        ]
+        return _RefusedPreflight(bytes(response.body).decode(), cors_headers)

@@ -174,12 +174,20 @@ async def test_cors_preflight_allows_the_contract_headers(client: httpx.AsyncCli
         assert header in allowed
 
 
-async def test_cors_refuses_unknown_origin(client: httpx.AsyncClient) -> None:
+async def test_cors_refuses_unknown_origin_with_a_problem(client: httpx.AsyncClient) -> None:
     response = await client.options(
         "/ping",
         headers={"Origin": "http://evil.test", "Access-Control-Request-Method": "GET"},
     )
     assert "access-control-allow-origin" not in response.headers
+    # Every error is problem+json, a refused preflight too (it was Starlette's plain text).
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["type"] == "urn:orders-api:problem:bad-request"
+    assert body["detail"] == "Disallowed CORS origin"
+    assert body["instance"] == "/ping"
+    assert body["request_id"] == response.headers["x-request-id"]
 
 
 async def test_every_request_logs_one_json_line(
