@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import uuid
 
 import pytest
@@ -116,3 +117,42 @@ async def test_unreachable_redis_is_a_connection_error_and_a_closed_client_recon
     await mux.close()
     assert await mux.execute("PING") == b"PONG"
     await mux.close()
+
+
+async def test_a_malformed_reply_fails_the_caller_and_the_next_call_reconnects(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    connections = 0
+
+    async def fake_redis(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Answers the two setup commands (SELECT, CLIENT SETNAME) with +OK, then, on the
+        # first connection, something that is not RESP at all; later ones answer PING.
+        nonlocal connections
+        connections += 1
+        first = connections == 1
+        answered = 0
+        while line := await reader.readline():
+            if not line.startswith(b"*"):
+                continue
+            answered += 1
+            if answered <= 2:
+                writer.write(b"+OK\r\n")
+            else:
+                writer.write(b"!garbage\r\n" if first else b"+PONG\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(fake_redis, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    mux = MultiplexedRedis(run_settings(REDIS_PORT=port, REDIS_SOCKET_TIMEOUT=1))
+    try:
+        with pytest.raises(RedisConnectionError):
+            await mux.execute("PING")
+        assert await mux.execute("PING") == b"PONG"
+    finally:
+        await mux.close()
+        server.close()
+        await server.wait_closed()
+    assert connections == 2
+    # Handled as a broken connection, not left to the event loop's "fatal error" path.
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

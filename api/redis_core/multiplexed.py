@@ -97,6 +97,12 @@ class _ReplyProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
+        try:
+            self._hand_out_replies()
+        except hiredis.ProtocolError:  # not RESP: nothing after this can be trusted
+            self.fail(RedisConnectionError("Redis sent a malformed reply"))
+
+    def _hand_out_replies(self) -> None:
         while (reply := self._reader.gets()) is not False:
             if not self.waiting:  # a reply nobody asked for: the stream is out of step
                 self.fail(RedisConnectionError("unexpected reply from Redis"))
