@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.configs import Settings
 from api.helpers.auth import REQUIRED_CLAIMS
-from tests.factories import PASSWORD, TestUser
+from tests.factories import PASSWORD, TestUser, make_order, order_payload
 
 PROBLEM = "application/problem+json"
 UNAUTHORIZED = "urn:orders-api:problem:unauthorized"
@@ -438,6 +438,24 @@ async def test_the_access_token_of_a_deleted_user_is_refused(
     async with sessionmaker() as session, session.begin():
         await session.execute(text("DELETE FROM users WHERE id = :id"), {"id": user.id})
     assert_unauthorized(await me(client, user.token))
+
+
+async def test_a_deleted_user_can_neither_read_nor_place_orders_with_a_valid_token(
+    client: httpx.AsyncClient, sessionmaker: async_sessionmaker[AsyncSession], user: TestUser
+) -> None:
+    # These routes check the user inside their one SQL statement, not in a dependency.
+    created = await make_order(client, user)
+    async with sessionmaker() as session, session.begin():
+        await session.execute(text("DELETE FROM users WHERE id = :id"), {"id": user.id})
+    fresh_read = {**user.headers, "Cache-Control": "no-cache"}
+    assert_unauthorized(await client.get(f"/v1/orders/{created['id']}", headers=fresh_read))
+    assert_unauthorized(await client.post("/v1/orders", json=order_payload(), headers=user.headers))
+    keyed = {**user.headers, "Idempotency-Key": f"gone-{uuid.uuid4()}"}
+    assert_unauthorized(await client.post("/v1/orders", json=order_payload(), headers=keyed))
+    left = await fetch_one(
+        sessionmaker, "SELECT count(*) AS n FROM orders WHERE user_id = :id", id=user.id
+    )
+    assert left.n == 0
 
 
 # --- refresh rotation and reuse -----------------------------------------------------------
