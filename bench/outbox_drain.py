@@ -23,12 +23,12 @@ import aio_pika
 import asyncpg
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.configs import Settings, load_settings
 from api.database.connection import create_engine, create_sessionmaker
-from api.database.query.outbox import ClaimedEvent
+from api.database.query.outbox import CLAIMED_COLUMNS, ClaimedEvent, count_outbox_backlog
 from api.events import EventType, order_event
 from api.helpers.enums import OrderStatus
 from api.models import OutboxEvent
@@ -146,22 +146,12 @@ async def insert_backlog(sessionmaker: async_sessionmaker[AsyncSession], count: 
 
 async def _unsent(sessionmaker: async_sessionmaker[AsyncSession]) -> int:
     async with sessionmaker() as session:
-        query = select(func.count()).select_from(OutboxEvent).where(OutboxEvent.sent_at.is_(None))
-        return int((await session.execute(query)).scalar_one())
+        return await count_outbox_backlog(session)
 
 
 async def _all_events(sessionmaker: async_sessionmaker[AsyncSession]) -> list[ClaimedEvent]:
     async with sessionmaker() as session:
-        result = await session.execute(
-            select(
-                OutboxEvent.id,
-                OutboxEvent.event_id,
-                OutboxEvent.routing_key,
-                OutboxEvent.body,
-                OutboxEvent.correlation_id,
-                OutboxEvent.created_at,
-            ).order_by(OutboxEvent.id)
-        )
+        result = await session.execute(select(*CLAIMED_COLUMNS).order_by(OutboxEvent.id))
         return [ClaimedEvent(*row) for row in result]
 
 

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api.database.query.idempotency import store_response, try_lock_key
+from api.database.query.idempotency import lock_name
 from api.services.retention_sweeper import RetentionSweeper
 from tests.factories import TestUser, order_events, order_payload
 
@@ -151,7 +151,11 @@ async def test_a_key_in_flight_is_409_in_use(
     key = new_key()
     # Another transaction holds the key, exactly as a request that has not committed yet.
     async with sessionmaker() as holder, holder.begin():
-        assert await try_lock_key(holder, user_id=user.id, key=key)
+        held = await holder.execute(
+            text("SELECT pg_try_advisory_xact_lock(hashtextextended(:name, 0))"),
+            {"name": lock_name(user.id, key)},
+        )
+        assert held.scalar_one()
         response = await post_order(client, user, key)
         assert_problem(response, 409, "idempotency-key-in-use")
 
@@ -303,16 +307,21 @@ async def test_an_expired_key_counts_as_new(
 async def insert_record(
     sessionmaker: Sessionmaker, user_id: uuid.UUID, key: str, ttl: timedelta
 ) -> None:
+    """A stored first response for (user, key) that expires after `ttl` (negative: expired)."""
     async with sessionmaker() as session, session.begin():
-        await store_response(
-            session,
-            user_id=user_id,
-            key=key,
-            request_hash=b"\0" * 32,
-            status_code=201,
-            body=b"{}",
-            order_id=uuid.uuid4(),
-            ttl=ttl,
+        await session.execute(
+            text(
+                "INSERT INTO idempotency_keys (user_id, key, request_hash, status_code,"
+                " response_body, order_id, expires_at)"
+                " VALUES (:user_id, :key, :hash, 201, '{}', :order_id, now() + :ttl)"
+            ),
+            {
+                "user_id": user_id,
+                "key": key,
+                "hash": b"\0" * 32,
+                "order_id": uuid.uuid4(),
+                "ttl": ttl,
+            },
         )
 
 

@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 
 from api.configs import RateLimitPolicy, Settings
 from api.errors import ProblemError, RateLimited
-from api.helpers.auth import decode_access_token
+from api.helpers.auth import bearer_token, decode_access_token
 from api.metrics import RATE_LIMIT_FALLBACKS, rate_limit_decisions
 from api.redis_core.circuit import REDIS_UNAVAILABLE, RedisCircuit
 from api.redis_core.lua_script import TOKEN_BUCKET
@@ -215,11 +215,10 @@ def request_identity(request: Request, *, by_ip: bool = False) -> str:
     if cached is not None:
         return cached
     identity: str | None = None
-    authorization = request.headers.get("authorization", "")
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() == "bearer" and token:
+    token = bearer_token(request)
+    if token:
         try:
-            identity = f"user:{decode_access_token(app_state['settings'], token.strip())}"
+            identity = f"user:{decode_access_token(app_state['settings'], token)}"
         except ProblemError:
             identity = None
     if identity is None:

@@ -37,6 +37,17 @@ class ClaimedEvent:
     created_at: datetime
 
 
+# The columns of a `ClaimedEvent`, in its field order.
+CLAIMED_COLUMNS = (
+    OutboxEvent.id,
+    OutboxEvent.event_id,
+    OutboxEvent.routing_key,
+    OutboxEvent.body,
+    OutboxEvent.correlation_id,
+    OutboxEvent.created_at,
+)
+
+
 async def insert_outbox_event(session: AsyncSession, event: NewOutboxEvent) -> None:
     """Write `event` in the caller's transaction; the insert trigger NOTIFYs relays on commit."""
     await session.execute(
@@ -52,14 +63,7 @@ async def insert_outbox_event(session: AsyncSession, event: NewOutboxEvent) -> N
 async def claim_outbox_batch(session: AsyncSession, *, limit: int) -> list[ClaimedEvent]:
     """Lock up to `limit` of the oldest unsent rows; rows another relay holds are skipped."""
     result = await session.execute(
-        select(
-            OutboxEvent.id,
-            OutboxEvent.event_id,
-            OutboxEvent.routing_key,
-            OutboxEvent.body,
-            OutboxEvent.correlation_id,
-            OutboxEvent.created_at,
-        )
+        select(*CLAIMED_COLUMNS)
         .where(OutboxEvent.sent_at.is_(None))
         .order_by(OutboxEvent.id)
         .limit(limit)
