@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     HOST: str = "127.0.0.1"
     PORT: int = Field(default=8000, ge=1, le=65535)
     WORKERS: int = Field(default=1, ge=1, le=64)
+    # Where `python -m api.worker` serves /livez, /readyz and /metrics.
+    WORKER_PORT: int = Field(default=8001, ge=1, le=65535)
     LOGLEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
     POSTGRES_HOST: str = "127.0.0.1"
