@@ -62,7 +62,24 @@ CACHE_LOOKUPS = Counter(
 )
 OUTBOX_BACKLOG = Gauge(
     "outbox_backlog",
-    "Outbox events not yet confirmed by RabbitMQ (last value seen by a relay).",
+    "Outbox events not yet confirmed by RabbitMQ (at scrape, or as a relay last saw it).",
+    multiprocess_mode="mostrecent",
+)
+OUTBOX_OLDEST_AGE = Gauge(
+    "outbox_oldest_unsent_age_seconds",
+    "Age of the oldest outbox event not yet confirmed by RabbitMQ (0 when none), at scrape.",
+    multiprocess_mode="mostrecent",
+)
+DEAD_LETTERED = Gauge(
+    "dead_letter_messages",
+    "Messages waiting in a dead-letter queue, at scrape.",
+    ["queue"],
+    multiprocess_mode="mostrecent",
+)
+DEPENDENCY_READY = Gauge(
+    "dependency_ready",
+    "1 when the dependency's readiness probe passed at the last scrape or probe, else 0.",
+    ["dependency"],
     multiprocess_mode="mostrecent",
 )
 OUTBOX_PUBLISHED = Counter(

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from sqlalchemy import text
 
+from api.health import check_dependencies, overall_status, refresh_scrape_gauges
 from api.helpers.orjson_coder import ORJSONResponse
 from api.metrics import render_metrics
 from api.state import get_state
 
 router = APIRouter(tags=["ops"])
 
-PROBE_TIMEOUT = 1.0
 HEALTH_CONTENT_TYPE = "application/health+json"
-
-Status = Literal["pass", "warn", "fail"]
 
 _LIVE = ORJSONResponse({"status": "pass"}).body
 
@@ -29,20 +23,6 @@ _LIVE = ORJSONResponse({"status": "pass"}).body
 async def ping() -> Response:
     """Liveness: the process answers; no dependency is touched."""
     return Response(_LIVE, media_type="application/json")
-
-
-async def _probe(check: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
-    started = time.perf_counter()
-    try:
-        await asyncio.wait_for(check(), PROBE_TIMEOUT)
-    except TimeoutError:
-        outcome: dict[str, Any] = {"status": "fail", "detail": f"no answer within {PROBE_TIMEOUT}s"}
-    except Exception as exc:  # a probe reports any failure instead of raising it
-        outcome = {"status": "fail", "detail": type(exc).__name__}
-    else:
-        outcome = {"status": "pass"}
-    outcome["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
-    return outcome
 
 
 _HEALTH: dict[str, Any] = {"content": {HEALTH_CONTENT_TYPE: {}}}
@@ -60,26 +40,9 @@ _HEALTH: dict[str, Any] = {"content": {HEALTH_CONTENT_TYPE: {}}}
 @router.get("/readyz", include_in_schema=False)
 async def ready(request: Request) -> Response:
     """Readiness: PostgreSQL down is `fail` (503); Redis or RabbitMQ down is `warn` (200)."""
-    state = get_state(request)
-
-    async def postgres() -> None:
-        async with state["engine"].connect() as conn:
-            await conn.execute(text("SELECT 1"))
-
-    async def redis() -> None:
-        await state["redis"].ping()
-
-    async def rabbitmq() -> None:
-        if not state["rabbit"].is_connected:
-            raise ConnectionError("not connected")
-
-    pg, rd, mq = await asyncio.gather(_probe(postgres), _probe(redis), _probe(rabbitmq))
-    status: Status = "pass"
-    if rd["status"] == "fail" or mq["status"] == "fail":
-        status = "warn"
-    if pg["status"] == "fail":
-        status = "fail"
-    body = {"status": status, "checks": {"postgres": pg, "redis": rd, "rabbitmq": mq}}
+    checks = await check_dependencies(get_state(request))
+    status = overall_status(checks)
+    body = {"status": status, "checks": checks}
     return ORJSONResponse(
         body,
         status_code=503 if status == "fail" else 200,
@@ -89,7 +52,8 @@ async def ready(request: Request) -> Response:
 
 
 @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
-async def metrics() -> Response:
-    """Prometheus text exposition."""
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition; readiness, backlog and dead-letter gauges measured now."""
+    await refresh_scrape_gauges(get_state(request))
     payload, content_type = render_metrics()
     return Response(payload, media_type=content_type)

@@ -109,6 +109,15 @@ async def count_outbox_backlog(session: AsyncSession) -> int:
     return int(result.scalar_one())
 
 
+async def outbox_backlog_stats(session: AsyncSession) -> tuple[int, datetime | None]:
+    """Rows not yet confirmed by the broker, and when the oldest of them was written."""
+    result = await session.execute(
+        select(func.count(), func.min(OutboxEvent.created_at)).where(OutboxEvent.sent_at.is_(None))
+    )
+    count, oldest = result.one()
+    return int(count), oldest
+
+
 async def delete_sent_outbox_events(
     session: AsyncSession, *, older_than: timedelta, limit: int
 ) -> int:

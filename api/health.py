@@ -1,0 +1,106 @@
+"""What a process can see of its dependencies and its backlog, for `/readyz` and `/metrics`.
+
+Readiness and the gauges a scrape refreshes are measured by the same probes, so a
+dashboard and a load balancer never disagree about what is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from api.database.query.outbox import outbox_backlog_stats
+from api.metrics import DEAD_LETTERED, DEPENDENCY_READY, OUTBOX_BACKLOG, OUTBOX_OLDEST_AGE
+from api.rabbit_core.client import RabbitClient
+from api.state import AppState
+
+PROBE_TIMEOUT = 1.0
+
+Status = Literal["pass", "warn", "fail"]
+Check = dict[str, Any]
+
+
+async def probe(check: Callable[[], Awaitable[Any]]) -> Check:
+    """`{status, latency_ms[, detail]}` of one check, bounded by PROBE_TIMEOUT."""
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(check(), PROBE_TIMEOUT)
+    except TimeoutError:
+        outcome: Check = {"status": "fail", "detail": f"no answer within {PROBE_TIMEOUT}s"}
+    except Exception as exc:  # a probe reports any failure instead of raising it
+        outcome = {"status": "fail", "detail": type(exc).__name__}
+    else:
+        outcome = {"status": "pass"}
+    outcome["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
+    return outcome
+
+
+async def check_dependencies(state: AppState) -> dict[str, Check]:
+    """One probe per dependency, run together; also sets the `dependency_ready` gauges."""
+
+    async def postgres() -> None:
+        async with state["engine"].connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def redis() -> None:
+        await state["redis"].ping()
+
+    async def rabbitmq() -> None:
+        if not state["rabbit"].is_connected:
+            raise ConnectionError("not connected")
+
+    pg, rd, mq = await asyncio.gather(probe(postgres), probe(redis), probe(rabbitmq))
+    checks = {"postgres": pg, "redis": rd, "rabbitmq": mq}
+    for name, check in checks.items():
+        DEPENDENCY_READY.labels(name).set(1 if check["status"] == "pass" else 0)
+    return checks
+
+
+def overall_status(checks: dict[str, Check]) -> Status:
+    """PostgreSQL down fails the process; Redis or RabbitMQ down only degrades it."""
+    if checks["postgres"]["status"] == "fail":
+        return "fail"
+    if any(check["status"] != "pass" for check in checks.values()):
+        return "warn"
+    return "pass"
+
+
+async def _refresh_outbox(engine: AsyncEngine) -> None:
+    async with AsyncSession(engine) as session:
+        count, oldest = await outbox_backlog_stats(session)
+    OUTBOX_BACKLOG.set(count)
+    age = (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else 0.0
+    OUTBOX_OLDEST_AGE.set(max(age, 0.0))
+
+
+async def _refresh_dead_letters(rabbit: RabbitClient) -> None:
+    names = rabbit.names
+    channel = await rabbit.channel(publisher_confirms=False)
+    try:
+        for queue in (names.queue, names.status_queue):
+            dlq = names.dead_letter_queue(queue)
+            declared = await channel.declare_queue(dlq, passive=True)
+            DEAD_LETTERED.labels(dlq).set(declared.declaration_result.message_count or 0)
+    finally:
+        with contextlib.suppress(Exception):
+            await channel.close()
+
+
+async def refresh_scrape_gauges(state: AppState) -> None:
+    """Before a scrape: readiness, outbox backlog and age, dead-letter depths.
+
+    Each part is bounded like a probe; one that cannot be measured keeps its last value
+    (and its dependency shows 0 in `dependency_ready`).
+    """
+    await asyncio.gather(
+        check_dependencies(state),
+        probe(lambda: _refresh_outbox(state["engine"])),
+        probe(lambda: _refresh_dead_letters(state["rabbit"])),
+    )
