@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from api.helpers.enums import OrderStatus
 from api.helpers.orjson_coder import dumps
 from api.schemas.orders import OrderRead
+from api.tracing import trace_headers
 
 SOURCE: Literal["orders-api"] = "orders-api"
 CONTENT_TYPE = "application/cloudevents+json"
@@ -69,6 +70,14 @@ class OrderEvent(BaseModel):
         description="The order version as a decimal string (CloudEvents sequence extension)."
     )
     data: OrderEventData
+    traceparent: str | None = Field(
+        default=None,
+        description="W3C trace context of the change (distributed-tracing extension; "
+        "present when tracing is on).",
+    )
+    tracestate: str | None = Field(
+        default=None, description="W3C trace state, with `traceparent` when there is one."
+    )
 
 
 class StatusUpdateMessage(BaseModel):
@@ -87,6 +96,8 @@ class NewOutboxEvent:
     routing_key: str
     body: bytes
     correlation_id: str | None
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 def order_event(
@@ -116,9 +127,14 @@ def order_event(
         "sequence": str(data["version"]),
         "data": data,
     }
+    # The trace of the change, when tracing is on (CloudEvents distributed-tracing extension).
+    context = trace_headers()
+    envelope.update(context)
     return NewOutboxEvent(
         event_id=event_id,
         routing_key=event_type.value,
         body=dumps(envelope),
         correlation_id=request_id,
+        traceparent=context.get("traceparent"),
+        tracestate=context.get("tracestate"),
     )

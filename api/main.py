@@ -40,6 +40,7 @@ from api.routers import auth, events, orders, ping, rate_limits, redirect
 from api.schemas.orders import OrderRead
 from api.services.retention_sweeper import RetentionSweeper
 from api.state import AppState
+from api.tracing import instrument_app, setup_tracing, shutdown_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         await scripts.close()
         await redis.aclose()
         await engine.dispose()
+        shutdown_tracing()
 
 
 def _problem(request: Request, exc: ProblemError | StarletteHTTPException) -> Response:
@@ -215,6 +217,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application; tests call it with their own settings."""
     settings = settings or get_settings()
     configure_logging(settings.LOGLEVEL)
+    setup_tracing()
     app = FastAPI(
         title="orders-api",
         version="0.1.0",
@@ -270,4 +273,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ):
         app.router.routes.extend(router.routes)
     openapi.install(app)
+    instrument_app(app)
     return app

@@ -28,6 +28,7 @@ from api.redis_core.multiplexed import MultiplexedRedis
 from api.routers import ping
 from api.schemas.orders import OrderRead
 from api.services.retention_sweeper import RetentionSweeper
+from api.tracing import setup_tracing, shutdown_tracing
 
 # What the worker serves of the ops routes: liveness, readiness, metrics.
 WORKER_PATHS = frozenset({"/livez", "/readyz", "/metrics"})
@@ -68,12 +69,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         await scripts.close()
         await redis.aclose()
         await engine.dispose()
+        shutdown_tracing()
 
 
 def create_worker_app(settings: Settings | None = None) -> FastAPI:
     """The worker's app: its lifespan and the three ops routes, no API."""
     settings = settings or load_settings()
     configure_logging(settings.LOGLEVEL)
+    setup_tracing()
     app = FastAPI(
         title="orders-api worker",
         lifespan=lifespan,

@@ -10,6 +10,8 @@ from typing import Any
 
 import orjson
 
+from api.tracing import current_ids
+
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 # Attributes every LogRecord has; anything else passed via `extra=` is emitted as a field.
@@ -29,6 +31,9 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", None) or request_id_var.get(),
         }
+        ids = current_ids()
+        if ids is not None:
+            line["trace_id"], line["span_id"] = ids
         for key, value in record.__dict__.items():
             if key not in _RESERVED and key not in line:
                 line[key] = value

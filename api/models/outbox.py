@@ -27,6 +27,10 @@ class OutboxEvent(CreatedAtMixin, Base):
     # The CloudEvents envelope, serialised once when the event is written.
     body: Mapped[bytes] = mapped_column(LargeBinary)
     correlation_id: Mapped[str | None] = mapped_column(String(128))
+    # The W3C trace context of the request or message that wrote the event (tracing on),
+    # so the relay's publish continues that trace whichever process publishes it.
+    traceparent: Mapped[str | None] = mapped_column(String(55))
+    tracestate: Mapped[str | None] = mapped_column(String(512))
     sent_at: Mapped[datetime | None]
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     last_error: Mapped[str | None] = mapped_column(Text)

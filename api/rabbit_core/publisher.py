@@ -10,15 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, DeliveryMode
+from aio_pika.abc import AbstractChannel, AbstractExchange, DeliveryMode, FieldValue
 from aio_pika.exceptions import DeliveryError, PublishError
 
 from api.database.query.outbox import ClaimedEvent
 from api.events import CONTENT_TYPE, SOURCE
 from api.rabbit_core.client import RabbitClient
+from api.tracing import publish_span, tracing_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +39,13 @@ def describe_failure(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def event_message(event: ClaimedEvent) -> aio_pika.Message:
-    """The AMQP message of an outbox event: the envelope as body, its ids as properties."""
+def event_message(event: ClaimedEvent, trace: Mapping[str, str] | None = None) -> aio_pika.Message:
+    """The AMQP message of an outbox event: the envelope as body, its ids as properties
+    (and the publish span's `traceparent` header when tracing is on)."""
+    headers: dict[str, FieldValue] | None = dict(trace) if trace else None
     return aio_pika.Message(
         event.body,
+        headers=headers,
         content_type=CONTENT_TYPE,
         delivery_mode=DeliveryMode.PERSISTENT,
         message_id=str(event.event_id),
@@ -50,6 +54,21 @@ def event_message(event: ClaimedEvent) -> aio_pika.Message:
         timestamp=event.created_at,
         app_id=SOURCE,
     )
+
+
+async def _publish(exchange: AbstractExchange, event: ClaimedEvent) -> object:
+    return await exchange.publish(event_message(event), event.routing_key)
+
+
+async def _publish_traced(exchange: AbstractExchange, event: ClaimedEvent) -> object:
+    """The publish as a span of the trace that wrote the event, its context in the headers."""
+    with publish_span(
+        event.trace_carrier,
+        destination=exchange.name,
+        routing_key=event.routing_key,
+        message_id=str(event.event_id),
+    ) as headers:
+        return await exchange.publish(event_message(event, headers), event.routing_key)
 
 
 class EventPublisher:
@@ -93,10 +112,8 @@ class EventPublisher:
         except TimeoutError:
             self._discard_channel()
             return [PublishTimeout(f"no channel within {self._timeout}s") for _ in events]
-        tasks = [
-            asyncio.ensure_future(exchange.publish(event_message(event), event.routing_key))
-            for event in events
-        ]
+        publish = _publish_traced if tracing_enabled() else _publish
+        tasks = [asyncio.ensure_future(publish(exchange, event)) for event in events]
         _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
         for task in pending:
             task.cancel()

@@ -18,10 +18,22 @@ import uuid
 from enum import Enum, auto
 
 import aio_pika
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustChannel
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    FieldValue,
+)
 from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
 
 from api.rabbit_core.client import MAX_BACKOFF, RabbitClient, RabbitUnavailable
+from api.tracing import trace_headers
+
+
+def _trace_headers() -> dict[str, FieldValue] | None:
+    headers: dict[str, FieldValue] = dict(trace_headers())
+    return headers or None
+
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +144,8 @@ class RpcClient:
             expiration=timeout,
             delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
             app_id="orders-api",
+            # The caller's trace, for a responder that continues it (tracing on).
+            headers=_trace_headers(),
         )
         try:
             remaining = max(deadline - loop.time(), 0.001)

@@ -44,6 +44,7 @@ from api.rabbit_core.client import RabbitClient, RabbitUnavailable
 from api.rabbit_core.topology import declare_topology
 from api.schemas.orders import OrderRead
 from api.services.orders import transition_order
+from api.tracing import consume_span
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +270,13 @@ class StatusConsumer:
             if self._stopping.is_set():
                 await message.nack(requeue=True)
                 return
-            outcome = await self._handle(message)
+            # The processor's trace continues here; the event the change emits carries it on.
+            with consume_span(
+                message.headers,
+                source=self._status_queue_name,
+                message_id=message.message_id,
+            ):
+                outcome = await self._handle(message)
             STATUS_MESSAGES.labels(outcome=outcome.value).inc()
         except Exception as exc:  # the ack/nack itself failed: the broker redelivers
             logger.warning("status message not settled", extra={"error": type(exc).__name__})

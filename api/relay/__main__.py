@@ -11,6 +11,7 @@ from api.database.connection import create_engine, create_sessionmaker
 from api.helpers.logger import configure_logging
 from api.rabbit_core.client import RabbitClient
 from api.relay.outbox_relay import OutboxRelay
+from api.tracing import setup_tracing, shutdown_tracing
 
 logger = logging.getLogger("api.relay")
 
@@ -33,12 +34,14 @@ async def run_relay(settings: Settings) -> None:
         await relay.stop()
         await rabbit.close()
         await engine.dispose()
+        shutdown_tracing()
         logger.info("outbox relay stopped")
 
 
 def main() -> None:
     settings = load_settings()
     configure_logging(settings.LOGLEVEL)
+    setup_tracing()
     try:
         import uvloop
     except ImportError:  # uvloop is optional (not on Windows)

@@ -154,6 +154,8 @@ def build_order(
         routing_key=event.routing_key,
         event_body=event.body,
         correlation_id=event.correlation_id,
+        traceparent=event.traceparent,
+        tracestate=event.tracestate,
     )
     return new, EncodedOrder(id=new.id, version=INITIAL_VERSION, body=_dumps(fields))
 

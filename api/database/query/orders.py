@@ -67,6 +67,8 @@ class NewOrder:
     routing_key: str
     event_body: bytes
     correlation_id: str | None
+    traceparent: str | None
+    tracestate: str | None
 
 
 # The order and its outbox row, inserted from the rows of `{source}` (none: nothing is
@@ -79,8 +81,8 @@ new_order AS (
     RETURNING id
 ),
 new_event AS (
-    INSERT INTO outbox (event_id, routing_key, body, correlation_id)
-    SELECT $8, $9, $10, $11 FROM new_order
+    INSERT INTO outbox (event_id, routing_key, body, correlation_id, traceparent, tracestate)
+    SELECT $8, $9, $10, $11, $12, $13 FROM new_order
 )
 """
 
@@ -101,18 +103,18 @@ SELECT EXISTS (SELECT FROM caller) AS caller_exists,
 # invisible to `stored` yet blocks `claimed`: held, nothing stored, nothing created. The
 # caller runs the statement again; its new snapshot sees the stored response.
 _CREATE_ORDER_ONCE = f"""
-WITH lock AS (SELECT pg_try_advisory_xact_lock(hashtextextended($17, 0)) AS held),
+WITH lock AS (SELECT pg_try_advisory_xact_lock(hashtextextended($19, 0)) AS held),
 caller AS (SELECT id FROM users WHERE id = $1),
 stored AS (
     SELECT request_hash, status_code, response_body, order_id
     FROM idempotency_keys
-    WHERE user_id = $1 AND key = $12 AND expires_at > now()
+    WHERE user_id = $1 AND key = $14 AND expires_at > now()
 ),
 claimed AS (
     INSERT INTO idempotency_keys AS k
         (user_id, key, request_hash, status_code, response_body, order_id, expires_at,
          created_at)
-    SELECT caller.id, $12, $13, $14, $15, $2, now() + $16::interval, now()
+    SELECT caller.id, $14, $15, $16, $17, $2, now() + $18::interval, now()
     FROM caller, lock
     WHERE lock.held AND NOT EXISTS (SELECT FROM stored)
     ON CONFLICT (user_id, key) DO UPDATE
@@ -157,6 +159,8 @@ def _order_arguments(order: NewOrder) -> tuple[object, ...]:
         order.routing_key,
         order.event_body,
         order.correlation_id,
+        order.traceparent,
+        order.tracestate,
     )
 
 

@@ -35,6 +35,16 @@ class ClaimedEvent:
     body: bytes
     correlation_id: str | None
     created_at: datetime
+    traceparent: str | None
+    tracestate: str | None
+
+    @property
+    def trace_carrier(self) -> dict[str, str]:
+        """The W3C context of the change that wrote the event (empty when none was kept)."""
+        carrier = {"traceparent": self.traceparent} if self.traceparent else {}
+        if self.tracestate:
+            carrier["tracestate"] = self.tracestate
+        return carrier
 
 
 # The columns of a `ClaimedEvent`, in its field order.
@@ -45,6 +55,8 @@ CLAIMED_COLUMNS = (
     OutboxEvent.body,
     OutboxEvent.correlation_id,
     OutboxEvent.created_at,
+    OutboxEvent.traceparent,
+    OutboxEvent.tracestate,
 )
 
 
@@ -56,6 +68,8 @@ async def insert_outbox_event(session: AsyncSession, event: NewOutboxEvent) -> N
             routing_key=event.routing_key,
             body=event.body,
             correlation_id=event.correlation_id,
+            traceparent=event.traceparent,
+            tracestate=event.tracestate,
         )
     )
 
