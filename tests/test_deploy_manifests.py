@@ -429,6 +429,26 @@ def test_selectors_select_the_pods_they_mean(rendered: dict[tuple[str, str], Obj
         assert selector == labels(name)
 
 
+def test_the_migration_step_of_a_rollout_holds_what_the_job_needs(
+    rendered: dict[tuple[str, str], Obj],
+) -> None:
+    """The README's rollout applies `component in (config,migrate)` first, the rest after."""
+
+    def component(obj: Obj) -> str | None:
+        return obj["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+
+    first = {key for key, obj in rendered.items() if component(obj) in {"config", "migrate"}}
+    assert first == {
+        ("ConfigMap", "orders-api-config"),
+        ("Job", "orders-api-migrate"),
+        ("NetworkPolicy", "orders-api-migrate"),
+    }
+    assert component(_secret_example()) == "config"
+    rest = {key for key, obj in rendered.items() if component(obj) != "migrate"}
+    assert ("Job", "orders-api-migrate") not in rest
+    assert first | rest == set(rendered)
+
+
 # --- compose and the Dockerfile ------------------------------------------------------
 
 
