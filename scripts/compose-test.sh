@@ -91,7 +91,7 @@ while :; do
     read -r status health code <<<"$(container_state "$service")"
     case "$status/$health" in
       running/healthy) ;;
-      running/-) [[ $service == rpc-echo ]] || ready=0 ;;
+      running/-) [[ $service == rpc-echo ]] || die "$service has no healthcheck" ;;
       running/starting) ready=0 ;;
       *) die "$service is $status/$health (exit code $code)" ;;
     esac
