@@ -5,10 +5,10 @@ SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 export PATH := $(HOME)/.local/bin:$(PATH)
 
-.PHONY: help uv sync services migrate run test lint fmt bench fuzz
+.PHONY: help uv sync services migrate run test lint fmt bench fuzz compose-test
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
 uv: ## install uv with pip when it is missing
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
@@ -43,3 +43,6 @@ bench: services ## the benchmark: wrk against the service and a reference app
 
 fuzz: services ## Schemathesis, FUZZ_EXAMPLES (default 500) examples per operation and phase
 	@FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-500} uv run --frozen pytest tests/test_schemathesis.py -q --timeout 1800
+
+compose-test: ## build the image, run the compose stack, place an order end to end, tear down
+	@scripts/compose-test.sh

@@ -20,7 +20,7 @@ PGHOST_=${POSTGRES_HOST:-127.0.0.1}; PGPORT_=${POSTGRES_PORT:-5432}
 REDIS_HOST_=${REDIS_HOST:-127.0.0.1}; REDIS_PORT_=${REDIS_PORT:-6379}
 RMQ_HOST_=${RMQ_HOST:-127.0.0.1}; RMQ_PORT_=${RMQ_PORT:-5672}
 
-compose_hint="or start them with: docker compose up -d postgres redis rabbitmq"
+compose_hint="or start them with: docker compose -f docker-compose.yml -f docker-compose.ports.yml up -d postgres redis rabbitmq"
 
 answers() { # host port
   timeout 1 bash -c "exec 3<>/dev/tcp/$1/$2" 2>/dev/null
