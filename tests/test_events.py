@@ -159,7 +159,7 @@ def assert_event_message(
     assert message.message_id == envelope["id"]
     assert message.correlation_id == request_id
     assert envelope["specversion"] == "1.0"
-    assert envelope["source"] == "orders-api"
+    assert envelope["source"] == f"/v1/orders/{envelope['subject']}"
     assert envelope["type"] == event_type.value
     assert envelope["datacontenttype"] == "application/json"
     assert envelope["time"].endswith("Z")
@@ -200,7 +200,7 @@ async def test_every_order_change_emits_one_event_with_envelope_and_properties(
     ):
         assert envelope["type"] == event_type.value
         assert envelope["subject"] == str(order.id)
-        assert envelope["sequence"] == str(version)
+        assert envelope["sequence"] == f"{version:020d}"
         data = envelope["data"]
         assert data["status"] == status
         assert data["version"] == version

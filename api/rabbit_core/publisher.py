@@ -17,7 +17,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, DeliveryMode
 from aio_pika.exceptions import DeliveryError, PublishError
 
 from api.database.query.outbox import ClaimedEvent
-from api.events import CONTENT_TYPE, SOURCE
+from api.events import APP_ID, CONTENT_TYPE
 from api.rabbit_core.client import RabbitClient
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def event_message(event: ClaimedEvent) -> aio_pika.Message:
         correlation_id=event.correlation_id,
         type=event.routing_key,
         timestamp=event.created_at,
-        app_id=SOURCE,
+        app_id=APP_ID,
     )
 
 

@@ -33,8 +33,21 @@ def _trimmed_or_none(name: str) -> str | None:
     return name.strip() or None
 
 
+EXAMPLE_EMAIL = "ada@example.com"
+EXAMPLE_PASSWORD = "correct horse battery staple"  # noqa: S105 (documentation example)
+# An opaque refresh token as login returns it (43 URL-safe characters, 256 bits).
+EXAMPLE_REFRESH_TOKEN = "Zr7Kq0pX2m9bV4tYcN8sWf1uJh6LdA3eGi5oQkRyTxE"  # noqa: S105
+
+
 class RegisterRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"email": EXAMPLE_EMAIL, "password": EXAMPLE_PASSWORD, "name": "Ada Lovelace"}
+            ]
+        },
+    )
 
     email: Email = Field(examples=["ada@example.com"])
     password: NewPassword = Field(description="8 to 1024 characters.")
@@ -49,14 +62,20 @@ class RegisterRequest(BaseModel):
 
 
 class LoginRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"email": EXAMPLE_EMAIL, "password": EXAMPLE_PASSWORD}]},
+    )
 
     email: Email = Field(examples=["ada@example.com"])
     password: GivenPassword
 
 
 class RefreshRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"refresh_token": EXAMPLE_REFRESH_TOKEN}]},
+    )
 
     refresh_token: RefreshTokenValue
 
@@ -84,6 +103,14 @@ class TokenPair(BaseModel):
 
 class TokenForm(BaseModel):
     """The OAuth2 password grant form (`username` is the email); client fields are ignored."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"grant_type": "password", "username": EXAMPLE_EMAIL, "password": EXAMPLE_PASSWORD}
+            ]
+        }
+    )
 
     grant_type: Literal["password"] | None = None
     username: Email

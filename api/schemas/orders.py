@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictInt, StringConstraints
 
 from api.helpers.enums import OrderStatus
 from api.schemas.text import WITHOUT_NUL
@@ -35,8 +35,26 @@ class OrderItemCreate(BaseModel):
     unit_price: UnitPrice = Field(description="Price of one unit in minor units (cents).")
 
 
+# A storefront checkout: what Swagger UI fills in and what the OpenAPI document shows.
+ORDER_CREATE_EXAMPLE: dict[str, JsonValue] = {
+    "currency": "EUR",
+    "items": [
+        {
+            "sku": "MUG-CERAMIC-350",
+            "name": "Ceramic mug, 350 ml",
+            "quantity": 2,
+            "unit_price": 1250,
+        },
+        {"sku": "TEA-EARLGREY-100G", "name": "Earl Grey, 100 g", "quantity": 1, "unit_price": 699},
+    ],
+    "metadata": {"channel": "web", "cart_id": "c-20931"},
+}
+
+
 class OrderCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [ORDER_CREATE_EXAMPLE]}
+    )
 
     currency: Currency = Field(description="ISO 4217 code, upper case.", examples=["EUR"])
     items: list[OrderItemCreate] = Field(min_length=1, max_length=MAX_ITEMS)
@@ -85,6 +103,6 @@ class OrderPage(BaseModel):
 class OrderStatusUpdate(BaseModel):
     """Admin PATCH body: move the order through the state machine."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"status": "paid"}]})
 
     status: OrderStatus
