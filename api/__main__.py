@@ -57,7 +57,8 @@ def base_url(host: str, port: int) -> str:
 def banner(url: str) -> str:
     rows = (
         ("API", f"{url}/v1"),
-        ("Docs", f"{url}/docs  (ReDoc: {url}/redoc)"),
+        ("Docs", f"{url}/docs"),
+        ("ReDoc", f"{url}/redoc"),
         ("OpenAPI", f"{url}/openapi.json"),
         ("AsyncAPI", f"{url}/asyncapi.json"),
         ("Metrics", f"{url}/metrics"),
