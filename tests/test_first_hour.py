@@ -316,3 +316,38 @@ def test_the_examples_read_the_same_variables_as_the_service() -> None:
     assert 'os.environ.get("RMQ_STATUS_QUEUE", "orders.status-updates")' in publisher
     assert "message_id=message_id" in publisher
     assert os.access(REPO_ROOT / "examples/quickstart.sh", os.X_OK)
+
+
+README = REPO_ROOT / "README.md"
+
+
+def _blocks(language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), re.MULTILINE | re.DOTALL)
+
+
+def test_the_readme_python_examples_define_every_name_they_use(tmp_path: Path) -> None:
+    blocks = _blocks("python")
+    assert len(blocks) >= 2
+    for index, block in enumerate(blocks):
+        (tmp_path / f"block_{index}.py").write_text(block)
+    # Pyflakes' rules: an undefined name (the old status-publisher example) is F821.
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--no-cache", "--isolated", "--select", "F", "."],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout
+
+
+def test_the_readme_shell_blocks_parse_and_it_has_one_title() -> None:
+    for block in _blocks("(?:sh|bash)"):
+        result = subprocess.run(
+            ["bash", "-n"], input=block, capture_output=True, text=True, timeout=30, check=False
+        )
+        assert result.returncode == 0, (result.stderr, block)
+    prose = re.sub(r"^```.*?^```", "", README.read_text(), flags=re.MULTILINE | re.DOTALL)
+    titles = [line for line in prose.splitlines() if line.startswith("# ")]
+    assert titles == ["# orders-api"]  # chapters are `##`; no stray `# Issue …` heading
