@@ -69,6 +69,20 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
+def _route_template(scope: Scope) -> str:
+    """The metrics label: the matched route's template; `unmatched` only for unknown paths."""
+    template = getattr(scope.get("route"), "path_format", None)
+    if template:
+        return str(template)
+    # Answered before routing (a CORS preflight, the body cap): labelled with the route
+    # whose path it names. Only these requests pay for the search.
+    for route in getattr(getattr(scope.get("app"), "router", None), "routes", ()):
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(scope["path"]):
+            return str(route.path_format)
+    return "unmatched"
+
+
 class RequestContextMiddleware:
     """Assigns `X-Request-ID`, caps bodies at 1 MiB, logs one JSON line and records metrics."""
 
@@ -159,8 +173,7 @@ class RequestContextMiddleware:
                 )
         finally:
             duration = time.perf_counter() - started
-            route = scope.get("route")
-            template = getattr(route, "path_format", None) or "unmatched"
+            template = _route_template(scope)
             http_requests(method, template, status).inc()
             http_latency(method, template).observe(duration)
             if access_log.isEnabledFor(logging.INFO):

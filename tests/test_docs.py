@@ -139,7 +139,14 @@ async def test_the_docs_and_documents_are_counted_under_their_own_path(
     for path in paths:
         assert (await client.get(path.replace("{name}", "favicon.png"))).status_code == 200
     assert (await client.get("/no-such-page")).status_code == 404
+    # A CORS preflight is answered before routing; it still names its route.
+    preflight = await client.options(
+        "/openapi.json",
+        headers={"Origin": "http://storefront.test", "Access-Control-Request-Method": "GET"},
+    )
+    assert preflight.status_code == 200
     metrics = (await client.get("/metrics")).text
+    assert 'http_requests_total{method="OPTIONS",route="/openapi.json",status="200"}' in metrics
     for path in paths:
         assert f'http_requests_total{{method="GET",route="{path}",status="200"}}' in metrics, path
     assert 'route="unmatched",status="404"' in metrics
