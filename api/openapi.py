@@ -193,11 +193,20 @@ def problem_examples(path: str, method: str, status: int) -> dict[str, Any]:
     return examples
 
 
-def add_request_examples(paths: dict[str, Any], schemas: dict[str, Any]) -> None:
-    """Copy each request model's examples onto its media type, where Swagger UI looks."""
+def _bodies(operation: dict[str, Any]) -> list[dict[str, Any]]:
+    """The request body and success response media types of an operation."""
+    media = list(operation.get("requestBody", {}).get("content", {}).values())
+    for code, response in operation.get("responses", {}).items():
+        if code.startswith("2"):
+            media.extend(response.get("content", {}).values())
+    return media
+
+
+def add_model_examples(paths: dict[str, Any], schemas: dict[str, Any]) -> None:
+    """Copy each body model's examples onto its media types, where Swagger UI looks."""
     for operations in paths.values():
         for operation in operations.values():
-            for media in operation.get("requestBody", {}).get("content", {}).values():
+            for media in _bodies(operation):
                 ref = media.get("schema", {}).get("$ref", "")
                 model = schemas.get(ref.rsplit("/", 1)[-1], {}) if isinstance(ref, str) else {}
                 if model.get("examples") and "examples" not in media:
@@ -250,7 +259,7 @@ def complete_document(document: dict[str, Any]) -> dict[str, Any]:
             complete_operation(path, method, operation)
     add_order_links(document.get("paths", {}))
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
-    add_request_examples(document.get("paths", {}), schemas)
+    add_model_examples(document.get("paths", {}), schemas)
     schemas["Problem"] = PROBLEM_SCHEMA
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)

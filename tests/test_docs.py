@@ -170,6 +170,18 @@ async def test_every_request_body_has_a_realistic_example_its_schema_and_model_a
                 _validate(document, media["schema"], example["value"])
                 MODELS[model_name].model_validate(example["value"])
     assert seen == set(MODELS)
+    # The answers carry examples too: an order, a page of orders, a user, a token pair.
+    for path, method, code in (
+        ("/v1/orders", "post", "201"),
+        ("/v1/orders", "get", "200"),
+        ("/v1/orders/{order_id}", "get", "200"),
+        ("/v1/auth/me", "get", "200"),
+        ("/v1/auth/login", "post", "200"),
+    ):
+        media = document["paths"][path][method]["responses"][code]["content"]["application/json"]
+        assert media["examples"], (path, method, code)
+        for example in media["examples"].values():
+            _validate(document, media["schema"], example["value"])
     order = document["components"]["schemas"]["OrderCreate"]["examples"][0]
     # A storefront order, not regex noise: readable SKUs and prices in cents.
     assert all(re.fullmatch(r"[A-Z0-9-]+", item["sku"]) for item in order["items"])

@@ -351,3 +351,28 @@ def test_the_readme_shell_blocks_parse_and_it_has_one_title() -> None:
     prose = re.sub(r"^```.*?^```", "", README.read_text(), flags=re.MULTILINE | re.DOTALL)
     titles = [line for line in prose.splitlines() if line.startswith("# ")]
     assert titles == ["# orders-api"]  # chapters are `##`; no stray `# Issue …` heading
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        (["run"], "ORDERS_API_BANNER=1 uv run --frozen python -m api"),
+        (["demo"], "uv run --frozen python -m api.cli demo"),
+        (["clean"], "uv run --frozen python -m api.cli clean \n"),
+        (["clean", "YES=1"], "uv run --frozen python -m api.cli clean --yes\n"),
+        (["cli", "ARGS=promote-admin ada@example.com"], "api.cli promote-admin ada@example.com\n"),
+    ],
+)
+def test_the_make_targets_of_the_first_hour_run_the_documented_commands(
+    target: list[str], expected: str
+) -> None:
+    result = subprocess.run(
+        ["make", "--dry-run", *target],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert expected in result.stdout + "\n", result.stdout

@@ -37,6 +37,14 @@ EXAMPLE_EMAIL = "ada@example.com"
 EXAMPLE_PASSWORD = "correct horse battery staple"  # noqa: S105 (documentation example)
 # An opaque refresh token as login returns it (43 URL-safe characters, 256 bits).
 EXAMPLE_REFRESH_TOKEN = "Zr7Kq0pX2m9bV4tYcN8sWf1uJh6LdA3eGi5oQkRyTxE"  # noqa: S105
+# The shape of an access token (header.claims.signature); this one verifies nowhere.
+EXAMPLE_ACCESS_TOKEN = ".".join(
+    (
+        "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9",
+        "eyJzdWIiOiI5YjJlNGQxNy01YzNhLTRmOGUtYTZiMS0wZDljN2UzZjJhNTQiLCJ0eXAiOiJhY2Nlc3MifQ",
+        "3q2-7wAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+    )
+)
 
 
 class RegisterRequest(BaseModel):
@@ -83,7 +91,20 @@ class RefreshRequest(BaseModel):
 class UserRead(BaseModel):
     """A user as `/v1/auth/me` and registration show it."""
 
-    model_config = ConfigDict(from_attributes=True)
+    model_config = ConfigDict(
+        from_attributes=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "9b2e4d17-5c3a-4f8e-a6b1-0d9c7e3f2a54",
+                    "email": EXAMPLE_EMAIL,
+                    "name": "Ada Lovelace",
+                    "role": "user",
+                    "created_at": "2026-11-22T13:48:27.337576Z",
+                }
+            ]
+        },
+    )
 
     id: uuid.UUID
     email: str
@@ -94,6 +115,19 @@ class UserRead(BaseModel):
 
 class TokenPair(BaseModel):
     """A bearer access token and the opaque refresh token that renews it."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "access_token": EXAMPLE_ACCESS_TOKEN,
+                    "refresh_token": EXAMPLE_REFRESH_TOKEN,
+                    "token_type": "bearer",
+                    "expires_in": 900,
+                }
+            ]
+        }
+    )
 
     access_token: str
     refresh_token: str
