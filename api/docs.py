@@ -57,12 +57,12 @@ def _root(request: Request) -> str:
 
 def install(app: FastAPI) -> None:
     """Add the OpenAPI document, both UIs and their assets to `app`."""
-    openapi_bytes: list[bytes] = []
+    @cache
+    def openapi_bytes() -> bytes:
+        return dumps(app.openapi())  # serialised once per app
 
     async def openapi_document() -> Response:
-        if not openapi_bytes:
-            openapi_bytes.append(dumps(app.openapi()))
-        return Response(openapi_bytes[0], media_type="application/json")
+        return Response(openapi_bytes(), media_type="application/json")
 
     async def swagger_ui(request: Request) -> HTMLResponse:
         root = _root(request)
