@@ -57,6 +57,7 @@ def _root(request: Request) -> str:
 
 def install(app: FastAPI) -> None:
     """Add the OpenAPI document, both UIs and their assets to `app`."""
+
     @cache
     def openapi_bytes() -> bytes:
         return dumps(app.openapi())  # serialised once per app
