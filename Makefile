@@ -5,7 +5,7 @@ SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 export PATH := $(HOME)/.local/bin:$(PATH)
 
-.PHONY: help uv sync services migrate run test lint fmt bench fuzz compose-test
+.PHONY: help uv sync services migrate run demo clean cli test lint fmt bench fuzz compose-test
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -22,8 +22,17 @@ services: sync ## make sure PostgreSQL, Redis and RabbitMQ answer; create the da
 migrate: services ## apply the migrations to POSTGRES_DB
 	@uv run --frozen alembic upgrade head
 
-run: migrate ## serve on HOST:PORT with WORKERS processes
-	@uv run --frozen python -m api
+run: migrate ## serve on HOST:PORT with WORKERS processes; prints the URLs once ready
+	@ORDERS_API_BANNER=1 uv run --frozen python -m api
+
+demo: sync ## seed a user, an admin and a few orders through the running API; print tokens
+	@uv run --frozen python -m api.cli demo
+
+clean: sync ## drop the database, Redis keys under the prefix, RabbitMQ names (YES=1: no prompt)
+	@uv run --frozen python -m api.cli clean $(if $(filter 1,$(YES)),--yes,)
+
+cli: sync ## an operator command: make cli ARGS='promote-admin ada@example.com'
+	@uv run --frozen python -m api.cli $(ARGS)
 
 lint: sync ## ruff check, ruff format --check, mypy (strict on api/)
 	@uv run --frozen ruff check .

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, ClassVar
+from urllib.parse import quote
 
 from starlette.exceptions import HTTPException
+from starlette.types import Scope
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_TYPE_PREFIX = "urn:orders-api:problem:"
@@ -84,8 +87,21 @@ class PayloadTooLarge(ProblemError):
     status, slug = 413, "payload-too-large"
 
 
+class UnsupportedMediaType(ProblemError):
+    status, slug = 415, "unsupported-media-type"
+
+
 class ValidationFailed(ProblemError):
     status, slug = 422, "validation-error"
+
+
+def malformed_json(reason: str | None = None) -> ValidationFailed:
+    """The one answer to a body that is not JSON (SPEC §3: a 422 `validation-error`)."""
+    msg = f"Invalid JSON: {reason}" if reason else "Invalid JSON"
+    return ValidationFailed(
+        "The request body is not valid JSON.",
+        errors=[{"loc": ["body"], "msg": msg, "type": "json_invalid"}],
+    )
 
 
 class IdempotencyKeyReused(ProblemError):
@@ -124,6 +140,7 @@ SLUG_BY_STATUS: dict[int, str] = {
         Conflict,
         PreconditionFailed,
         PayloadTooLarge,
+        UnsupportedMediaType,
         ValidationFailed,
         RateLimited,
         InternalError,
@@ -132,6 +149,23 @@ SLUG_BY_STATUS: dict[int, str] = {
         UpstreamTimeout,
     )
 }
+
+
+# RFC 3986 `pchar` plus `/`: what a path may hold unencoded. `%` stays, so the
+# escapes the client sent are kept as they were.
+_PATH_SAFE = "/:@!$&'()*+,;=-._~%"
+_STRAY_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def problem_instance(scope: Scope) -> str:
+    """The request path as it was sent, percent-encoded: always a valid URI reference."""
+    raw = scope.get("raw_path")
+    if raw:
+        # Some servers and test transports put the query string in `raw_path` too.
+        path = bytes(raw).partition(b"?")[0].decode("latin-1")
+    else:
+        path = quote(str(scope["path"]), safe="/")
+    return quote(_STRAY_PERCENT.sub("%25", path), safe=_PATH_SAFE)
 
 
 def problem_body(

@@ -20,8 +20,22 @@ from api.helpers.orjson_coder import dumps
 from api.schemas.orders import OrderRead
 from api.tracing import trace_headers
 
-SOURCE: Literal["orders-api"] = "orders-api"
+APP_ID = "orders-api"  # the AMQP `app_id` of every event
 CONTENT_TYPE = "application/cloudevents+json"
+# One CloudEvents source per order: the sequence extension orders the events of one
+# source, by plain string comparison, hence the zero padding (SPEC §8).
+SOURCE_PREFIX = "/v1/orders/"
+SEQUENCE_DIGITS = 20
+
+
+def event_source(order_id: uuid.UUID | str) -> str:
+    """`/v1/orders/<id>`: the order's own URI reference."""
+    return f"{SOURCE_PREFIX}{order_id}"
+
+
+def event_sequence(version: int) -> str:
+    """The order version, zero-padded so that string order is version order."""
+    return f"{version:0{SEQUENCE_DIGITS}d}"
 
 
 class EventType(StrEnum):
@@ -61,13 +75,21 @@ class OrderEvent(BaseModel):
 
     specversion: Literal["1.0"] = "1.0"
     id: uuid.UUID = Field(description="Event id; also the AMQP message_id. Stable on redelivery.")
-    source: Literal["orders-api"] = SOURCE
+    source: str = Field(
+        pattern=r"^/v1/orders/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+        description="`/v1/orders/<order id>`: one source per order, so `sequence` orders "
+        "all the events of a source.",
+        examples=["/v1/orders/3f1c9a6e-8d2b-4c55-9e1a-2b7d4f0c8a91"],
+    )
     type: EventType
     subject: str = Field(description="The order id.")
     time: datetime
     datacontenttype: Literal["application/json"] = "application/json"
     sequence: str = Field(
-        description="The order version as a decimal string (CloudEvents sequence extension)."
+        pattern=rf"^[0-9]{{{SEQUENCE_DIGITS}}}$",
+        description="The order version, zero-padded to 20 digits (CloudEvents sequence "
+        "extension: plain string comparison orders the events of one source).",
+        examples=["00000000000000000002"],
     )
     data: OrderEventData
     traceparent: str | None = Field(
@@ -119,12 +141,12 @@ def order_event(
     envelope = {
         "specversion": "1.0",
         "id": str(event_id),
-        "source": SOURCE,
+        "source": event_source(data["id"]),
         "type": event_type.value,
         "subject": str(data["id"]),
         "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         "datacontenttype": "application/json",
-        "sequence": str(data["version"]),
+        "sequence": event_sequence(data["version"]),
         "data": data,
     }
     # The trace of the change, when tracing is on (CloudEvents distributed-tracing extension).

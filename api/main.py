@@ -14,7 +14,7 @@ from fastapi.routing import iter_route_contexts
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api import openapi
+from api import docs, openapi
 from api.configs import Settings, get_settings
 from api.database.connection import create_engine, create_sessionmaker
 from api.errors import (
@@ -23,11 +23,14 @@ from api.errors import (
     ProblemError,
     ServiceUnavailable,
     ValidationFailed,
+    malformed_json,
     problem_body,
+    problem_instance,
 )
 from api.event_workers import EventWorkers
 from api.helpers.logger import configure_logging
 from api.helpers.orjson_coder import ORJSONResponse
+from api.media_types import is_json_media_type, require_json_bodies
 from api.middleware import ProblemCORSMiddleware, RequestContextMiddleware
 from api.rabbit_core.client import RabbitClient, RabbitUnavailable
 from api.rabbit_core.rpc import RpcClient
@@ -125,16 +128,13 @@ def _problem(request: Request, exc: ProblemError | StarletteHTTPException) -> Re
         status=status,
         slug=slug,
         detail=str(exc.detail),
-        instance=request.url.path,
+        instance=problem_instance(request.scope),
         request_id=request.scope.get("state", {}).get("request_id"),
         errors=exc.errors if isinstance(exc, ProblemError) else None,
     )
     return ORJSONResponse(
         body, status_code=status, headers=exc.headers, media_type=PROBLEM_CONTENT_TYPE
     )
-
-
-NOT_UTF8_BODY = {"loc": ["body"], "msg": "JSON decode error: not UTF-8", "type": "json_invalid"}
 
 
 def allowed_methods(request: Request) -> str:
@@ -145,6 +145,8 @@ def allowed_methods(request: Request) -> str:
         regex = getattr(route, "path_regex", None)
         if route.methods and regex is not None and regex.match(path):
             methods |= route.methods
+    if "GET" in methods:
+        methods.add("HEAD")  # every GET route answers HEAD (the middleware serves it)
     return ", ".join(sorted(methods))
 
 
@@ -153,14 +155,26 @@ async def handle_http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 405:
         headers = {**(exc.headers or {}), "Allow": allowed_methods(request)}
         exc = StarletteHTTPException(405, exc.detail, headers=headers)
-    elif exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
-        # FastAPI answers 400 for a JSON body that is not UTF-8; it is malformed JSON (SPEC §3).
-        exc = ValidationFailed("The request body is not valid JSON.", errors=[NOT_UTF8_BODY])
+    elif exc.status_code == 400 and exc.__cause__ is not None and _sent_json(request):
+        # FastAPI answers 400 for a JSON body it could not parse at all (not UTF-8, nested
+        # too deep); that is malformed JSON, one 422 shape (SPEC §3).
+        reason = "not UTF-8" if isinstance(exc.__cause__, UnicodeDecodeError) else None
+        exc = malformed_json(reason)
     return _problem(request, exc)
+
+
+def _sent_json(request: Request) -> bool:
+    return is_json_media_type(request.headers.get("content-type", ""))
 
 
 async def handle_validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            loc = err.get("loc", ())
+            where = f" at byte {loc[1]}" if len(loc) > 1 else ""
+            reason = str(err.get("ctx", {}).get("error", "")) + where
+            return _problem(request, malformed_json(reason.strip() or None))
     errors = [
         {"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
         for err in exc.errors()
@@ -224,10 +238,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Place and track orders; every change is emitted as an event on RabbitMQ.",
         lifespan=lifespan,
         default_response_class=ORJSONResponse,
-        docs_url="/docs",
+        # `api.docs` serves the document and both UIs from local assets (SPEC §3).
+        docs_url=None,
         redoc_url=None,
-        openapi_url="/openapi.json",
-        swagger_ui_parameters={"persistAuthorization": True},
+        openapi_url=None,
         # Metrics are ours (Prometheus); FastAPI's OpenTelemetry hooks would only add a
         # per-request provider lookup.
         telemetry={"tracing": False, "metrics": False, "logs": False},
@@ -273,5 +287,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ):
         app.router.routes.extend(router.routes)
     openapi.install(app)
+    docs.install(app)
+    require_json_bodies(app)
     instrument_app(app)
     return app

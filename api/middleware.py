@@ -23,6 +23,7 @@ from api.errors import (
     InternalError,
     PayloadTooLarge,
     problem_body,
+    problem_instance,
 )
 from api.helpers.logger import request_id_var
 from api.helpers.orjson_coder import dumps
@@ -68,6 +69,20 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
+def _route_template(scope: Scope) -> str:
+    """The metrics label: the matched route's template; `unmatched` only for unknown paths."""
+    template = getattr(scope.get("route"), "path_format", None)
+    if template:
+        return str(template)
+    # Answered before routing (a CORS preflight, the body cap): labelled with the route
+    # whose path it names. Only these requests pay for the search.
+    for route in getattr(getattr(scope.get("app"), "router", None), "routes", ()):
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(scope["path"]):
+            return str(route.path_format)
+    return "unmatched"
+
+
 class RequestContextMiddleware:
     """Assigns `X-Request-ID`, caps bodies at 1 MiB, logs one JSON line and records metrics."""
 
@@ -91,10 +106,19 @@ class RequestContextMiddleware:
         header_value = request_id.encode("ascii")
         status = 500
         started_response = False
+        method = scope["method"]
+        head = method == "HEAD"
+        if head:
+            # Every GET route answers HEAD (RFC 9110 §9.3.2): the app serves the GET and
+            # the body is dropped here. The server keeps its own scope, which still says
+            # HEAD, so it sends no body either.
+            scope = {**scope, "method": "GET"}
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, started_response
-            if message["type"] == "http.response.start":
+            if head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            elif message["type"] == "http.response.start":
                 status = message["status"]
                 started_response = True
                 message["headers"] = [
@@ -149,9 +173,7 @@ class RequestContextMiddleware:
                 )
         finally:
             duration = time.perf_counter() - started
-            route = scope.get("route")
-            template = getattr(route, "path_format", None) or "unmatched"
-            method = scope["method"]
+            template = _route_template(scope)
             http_requests(method, template, status).inc()
             http_latency(method, template).observe(duration)
             if access_log.isEnabledFor(logging.INFO):
@@ -183,7 +205,7 @@ class RequestContextMiddleware:
                 status=status,
                 slug=slug,
                 detail=detail,
-                instance=scope["path"],
+                instance=problem_instance(scope),
                 request_id=request_id,
             )
         )
@@ -211,7 +233,7 @@ class _RefusedPreflight(Response):
                 status=BadRequest.status,
                 slug=BadRequest.slug,
                 detail=self._detail,
-                instance=scope["path"],
+                instance=problem_instance(scope),
                 request_id=request_id_var.get(),
             )
         )

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from api.errors import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX
 
 PROBLEM_REF = "#/components/schemas/Problem"
+JSON_CONTENT_TYPE = "application/json"
 # Routes outside every rate-limit policy and dependency (SPEC §6: reading it costs no token).
 UNLIMITED_V1_PATHS = frozenset({"/v1/rate-limits"})
 
@@ -64,6 +65,8 @@ def implied_statuses(path: str, operation: dict[str, Any]) -> dict[int, str]:
         statuses[401] = "Missing, malformed or expired bearer token."
     if "requestBody" in operation:
         statuses[413] = "The request body is over 1 MiB."
+    if JSON_CONTENT_TYPE in operation.get("requestBody", {}).get("content", {}):
+        statuses[415] = "The request body's Content-Type is not JSON."
     if "requestBody" in operation or operation.get("parameters"):
         statuses[422] = "The request is not valid."
     if path.startswith("/v1/") and path not in UNLIMITED_V1_PATHS:
@@ -72,7 +75,7 @@ def implied_statuses(path: str, operation: dict[str, Any]) -> dict[int, str]:
     return statuses
 
 
-def complete_operation(path: str, operation: dict[str, Any]) -> None:
+def complete_operation(path: str, method: str, operation: dict[str, Any]) -> None:
     """Problem bodies on every error response, plus the statuses implied by the route."""
     responses: dict[str, Any] = operation.setdefault("responses", {})
     for status, description in implied_statuses(path, operation).items():
@@ -85,7 +88,132 @@ def complete_operation(path: str, operation: dict[str, Any]) -> None:
             del content["application/json"]  # FastAPI's own 422 shape is never sent
         # Errors without a declared body, or declared as problem+json without its schema.
         if not content or PROBLEM_CONTENT_TYPE in content:
-            content[PROBLEM_CONTENT_TYPE] = {"schema": {"$ref": PROBLEM_REF}}
+            content[PROBLEM_CONTENT_TYPE] = {
+                "schema": {"$ref": PROBLEM_REF},
+                "examples": problem_examples(path, method, int(code)),
+            }
+
+
+# What each problem a client can receive looks like: (slug, detail[, errors]) per status,
+# and the operations whose 409 or 422 means something more specific.
+_PROBLEMS_BY_STATUS: dict[int, list[tuple[str, str]]] = {
+    400: [("bad-request", "The request could not be understood.")],
+    401: [("unauthorized", "Missing or invalid credentials.")],
+    403: [("forbidden", "Only an admin may change an order's status.")],
+    404: [("not-found", "No order with this id.")],
+    409: [("conflict", "The request conflicts with the resource's current state.")],
+    412: [("precondition-failed", 'The order is no longer at version "1-3f1c9a6e…".')],
+    413: [("payload-too-large", "Request bodies are limited to 1048576 bytes.")],
+    415: [("unsupported-media-type", "The request body must be application/json; got text/plain.")],
+    422: [("validation-error", "The request is not valid.")],
+    429: [("rate-limited", "Too many requests for policy 'default'; retry after 2 s.")],
+    500: [("internal-error", "An unexpected error occurred.")],
+    502: [("bad-gateway", "The service 'inventory' sent a reply that is not valid.")],
+    503: [("service-unavailable", "A backing service is unavailable; retry shortly.")],
+    504: [("upstream-timeout", "The service 'inventory' did not reply within 5 s.")],
+}
+_PROBLEMS_BY_OPERATION: dict[tuple[str, str, int], list[tuple[str, str]]] = {
+    ("post", "/v1/auth/register", 409): [
+        ("conflict", "An account with this email already exists.")
+    ],
+    ("post", "/v1/orders", 409): [
+        (
+            "idempotency-key-in-use",
+            "A request with this Idempotency-Key is still being processed; retry shortly.",
+        )
+    ],
+    ("post", "/v1/orders", 422): [
+        ("validation-error", "The request is not valid."),
+        (
+            "idempotency-key-reused",
+            "This Idempotency-Key was used with a different request body.",
+        ),
+    ],
+    ("post", "/v1/orders/{order_id}/cancel", 409): [
+        ("invalid-transition", "An order that is shipped cannot become cancelled.")
+    ],
+    ("patch", "/v1/orders/{order_id}", 409): [
+        ("invalid-transition", "An order that is delivered cannot become paid.")
+    ],
+}
+_VALIDATION_ERRORS = [
+    {
+        "loc": ["body", "items", 0, "quantity"],
+        "msg": "Input should be greater than or equal to 1",
+        "type": "greater_than_equal",
+    }
+]
+_MALFORMED_JSON_ERRORS = [
+    {
+        "loc": ["body"],
+        "msg": "Invalid JSON: Expecting ',' delimiter at byte 18",
+        "type": "json_invalid",
+    }
+]
+EXAMPLE_PATH_VALUES = {
+    "{order_id}": "3f1c9a6e-8d2b-4c55-9e1a-2b7d4f0c8a91",
+    "{service}": "inventory",
+    "{path}": "items/42",
+}
+EXAMPLE_REQUEST_ID = "7b0c5f1e-2a4d-4e8f-9c3b-1d6a8e2f4b70"
+
+
+def _example_instance(path: str) -> str:
+    for template, value in EXAMPLE_PATH_VALUES.items():
+        path = path.replace(template, value)
+    return path
+
+
+def problem_examples(path: str, method: str, status: int) -> dict[str, Any]:
+    """Named examples of the problem bodies `method path` answers with `status`."""
+    problems = _PROBLEMS_BY_OPERATION.get((method, path, status)) or _PROBLEMS_BY_STATUS.get(
+        status, [("bad-request", HTTPStatus(status).phrase)]
+    )
+    examples: dict[str, Any] = {}
+    for slug, detail in problems:
+        value: dict[str, Any] = {
+            "type": PROBLEM_TYPE_PREFIX + slug,
+            "title": HTTPStatus(status).phrase,
+            "status": status,
+            "detail": detail,
+            "instance": _example_instance(path),
+            "request_id": EXAMPLE_REQUEST_ID,
+        }
+        if slug == "validation-error":
+            examples["malformed-json"] = {
+                "summary": "The body is not JSON",
+                "value": {
+                    **value,
+                    "detail": "The request body is not valid JSON.",
+                    "errors": _MALFORMED_JSON_ERRORS,
+                },
+            }
+            value["errors"] = _VALIDATION_ERRORS
+        examples[slug] = {"summary": f"{status} {slug}", "value": value}
+    return examples
+
+
+def _bodies(operation: dict[str, Any]) -> list[dict[str, Any]]:
+    """The request body and success response media types of an operation."""
+    media = list(operation.get("requestBody", {}).get("content", {}).values())
+    for code, response in operation.get("responses", {}).items():
+        if code.startswith("2"):
+            media.extend(response.get("content", {}).values())
+    return media
+
+
+def add_model_examples(paths: dict[str, Any], schemas: dict[str, Any]) -> None:
+    """Copy each body model's examples onto its media types, where Swagger UI looks."""
+    for operations in paths.values():
+        for operation in operations.values():
+            for media in _bodies(operation):
+                ref = media.get("schema", {}).get("$ref", "")
+                model = schemas.get(ref.rsplit("/", 1)[-1], {}) if isinstance(ref, str) else {}
+                if model.get("examples") and "examples" not in media:
+                    media["examples"] = {
+                        f"example-{index}": {"value": example}
+                        for index, example in enumerate(model["examples"], start=1)
+                    }
 
 
 def _is_fastapi_validation_error(content: dict[str, Any]) -> bool:
@@ -127,10 +255,11 @@ def add_order_links(paths: dict[str, Any]) -> None:
 def complete_document(document: dict[str, Any]) -> dict[str, Any]:
     """Complete every operation of `document` in place and return it."""
     for path, operations in document.get("paths", {}).items():
-        for operation in operations.values():
-            complete_operation(path, operation)
+        for method, operation in operations.items():
+            complete_operation(path, method, operation)
     add_order_links(document.get("paths", {}))
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    add_model_examples(document.get("paths", {}), schemas)
     schemas["Problem"] = PROBLEM_SCHEMA
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)

@@ -15,6 +15,7 @@ from typing import Any
 import aio_pika
 import asyncpg
 import httpx
+import jsonschema_rs
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from asgi_lifespan import LifespanManager
@@ -23,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.configs import Settings
 from api.database.connection import create_engine, create_sessionmaker
-from api.events import CONTENT_TYPE, EventType
+from api.events import CONTENT_TYPE, EventType, event_sequence
 from api.helpers.enums import OrderStatus
 from api.helpers.orjson_coder import dumps, loads
 from api.rabbit_core.client import RabbitClient
@@ -159,7 +160,7 @@ def assert_event_message(
     assert message.message_id == envelope["id"]
     assert message.correlation_id == request_id
     assert envelope["specversion"] == "1.0"
-    assert envelope["source"] == "orders-api"
+    assert envelope["source"] == f"/v1/orders/{envelope['subject']}"
     assert envelope["type"] == event_type.value
     assert envelope["datacontenttype"] == "application/json"
     assert envelope["time"].endswith("Z")
@@ -200,7 +201,7 @@ async def test_every_order_change_emits_one_event_with_envelope_and_properties(
     ):
         assert envelope["type"] == event_type.value
         assert envelope["subject"] == str(order.id)
-        assert envelope["sequence"] == str(version)
+        assert envelope["sequence"] == f"{version:020d}"
         data = envelope["data"]
         assert data["status"] == status
         assert data["version"] == version
@@ -820,6 +821,44 @@ async def test_asyncapi_document_names_every_routing_key_queue_and_payload(
         if op["action"] == "send"
     }
     assert {event_type.value for event_type in EventType} <= sent
+
+
+async def test_each_order_is_its_own_source_and_every_envelope_fits_the_asyncapi_schema(
+    client: httpx.AsyncClient,
+    events: Observer,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    user: TestUser,
+) -> None:
+    first = await insert_order(sessionmaker, user_id=user.id, request_id="req-source-1")
+    second = await insert_order(sessionmaker, user_id=user.id, request_id="req-source-2")
+    await move(sessionmaker, first.id, OrderStatus.PAID, "req-source-3")
+    await events.wait_for(
+        lambda seen: len(seen.for_order(first.id)) >= 2 and len(seen.for_order(second.id)) >= 1
+    )
+    document = (await client.get("/asyncapi.json")).json()
+    envelope_schema = {
+        "$ref": "#/components/schemas/OrderEvent",
+        "components": document["components"],
+    }
+    validator = jsonschema_rs.Draft202012Validator(envelope_schema)
+    for order, sequences in ((first, ["1", "2"]), (second, ["1"])):
+        envelopes = [loads(message.body) for message in events.for_order(order.id)]
+        for envelope in envelopes:
+            validator.validate(envelope)
+            assert envelope["source"] == f"/v1/orders/{order.id}"
+        assert sorted(envelope["sequence"] for envelope in envelopes) == [
+            s.zfill(20) for s in sequences
+        ]
+    schema = document["components"]["schemas"]["OrderEvent"]["properties"]
+    assert schema["sequence"]["pattern"] == "^[0-9]{20}$"
+    assert schema["source"]["pattern"].startswith("^/v1/orders/")
+
+
+def test_sequence_strings_sort_in_version_order() -> None:
+    # The CloudEvents sequence extension compares strings; unpadded, "10" < "9".
+    versions = [1, 2, 9, 10, 11, 99, 100, 12345, 10**19]
+    assert sorted(map(event_sequence, versions)) == [event_sequence(v) for v in versions]
+    assert event_sequence(3) == "00000000000000000003"
 
 
 async def test_status_update_from_the_queue_is_never_followed_by_a_stale_cached_read(

@@ -94,7 +94,8 @@ async def test_create_returns_201_with_location_etag_and_server_totals(
     envelope = events[0][1]
     assert envelope["type"] == "order.created"
     assert envelope["subject"] == order["id"]
-    assert envelope["sequence"] == "1"
+    assert envelope["source"] == f"/v1/orders/{order['id']}"
+    assert envelope["sequence"] == "00000000000000000001"
     assert envelope["data"]["total_amount"] == 2999
 
 
@@ -414,7 +415,10 @@ async def test_lifecycle_end_to_end(
         "order.shipped",
         "order.delivered",
     ]
-    assert [envelope["sequence"] for _, envelope in events] == ["1", "2", "3", "4"]
+    # Zero-padded: plain string order is version order (CloudEvents sequence, SPEC §8).
+    assert [envelope["sequence"] for _, envelope in events] == [
+        f"{version:020d}" for version in (1, 2, 3, 4)
+    ]
     assert [envelope["data"].get("previous_status") for _, envelope in events] == [
         None,
         "pending",
@@ -502,7 +506,7 @@ async def test_every_move_the_machine_allows_writes_one_event(
     events = await order_events(sessionmaker, order_id)
     assert [key for key, _ in events] == [f"order.{target.value}"]
     assert events[0][1]["data"]["previous_status"] == start.value
-    assert events[0][1]["sequence"] == "2"
+    assert events[0][1]["sequence"] == "00000000000000000002"
 
 
 async def test_patch_refuses_an_unknown_status_and_unknown_fields(
@@ -618,7 +622,7 @@ async def test_concurrent_cancel_and_ship_one_wins(
         assert version == 2
         events = await order_events(sessionmaker, order_id)
         assert [key for key, _ in events] == [f"order.{status}"]
-        assert events[0][1]["sequence"] == "2"
+        assert events[0][1]["sequence"] == "00000000000000000002"
 
 
 async def test_concurrent_patches_with_one_if_match_apply_once(

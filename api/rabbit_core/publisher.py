@@ -17,7 +17,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, DeliveryMode, FieldV
 from aio_pika.exceptions import DeliveryError, PublishError
 
 from api.database.query.outbox import ClaimedEvent
-from api.events import CONTENT_TYPE, SOURCE
+from api.events import APP_ID, CONTENT_TYPE
 from api.rabbit_core.client import RabbitClient
 from api.tracing import publish_span, tracing_enabled
 
@@ -52,7 +52,7 @@ def event_message(event: ClaimedEvent, trace: Mapping[str, str] | None = None) -
         correlation_id=event.correlation_id,
         type=event.routing_key,
         timestamp=event.created_at,
-        app_id=SOURCE,
+        app_id=APP_ID,
     )
 
 

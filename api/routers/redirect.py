@@ -15,7 +15,7 @@ from api.errors import (
     NotFound,
     ServiceUnavailable,
     UpstreamTimeout,
-    ValidationFailed,
+    malformed_json,
 )
 from api.helpers.auth import Principal, get_current_user, oauth2_scheme
 from api.helpers.orjson_coder import dumps, loads
@@ -168,10 +168,7 @@ def parse_json_body(raw: bytes) -> Any:
     try:
         return loads(raw)
     except orjson.JSONDecodeError:
-        raise ValidationFailed(
-            "The request body is not valid JSON.",
-            errors=[{"loc": ["body"], "msg": "Invalid JSON", "type": "json_invalid"}],
-        ) from None
+        raise malformed_json() from None
 
 
 def reply_response(service: str, raw_reply: bytes) -> Response:

@@ -196,12 +196,14 @@ async def test_api8_misconfiguration_a_real_internal_error_is_a_bare_500_problem
 async def test_api8_misconfiguration_unsupported_methods_are_405_with_the_real_allow_list(
     client: httpx.AsyncClient, user: TestUser
 ) -> None:
+    # Every GET route also answers HEAD (RFC 9110 §9.3.2), so the list names it.
     cases = {
-        "/ping": "GET",
-        "/v1/orders": "GET, POST",
-        f"/v1/orders/{uuid.uuid4()}": "GET, PATCH",
-        "/v1/auth/me": "GET",
-        "/v1/redirect/svc/x": "DELETE, GET, PATCH, POST, PUT",
+        "/ping": "GET, HEAD",
+        "/v1/orders": "GET, HEAD, POST",
+        f"/v1/orders/{uuid.uuid4()}": "GET, HEAD, PATCH",
+        "/v1/auth/me": "GET, HEAD",
+        "/v1/redirect/svc/x": "DELETE, GET, HEAD, PATCH, POST, PUT",
+        "/v1/auth/login": "POST",
     }
     for path, allow in cases.items():
         for method in ("TRACE", "CONNECT", "PROPFIND"):

@@ -1,0 +1,71 @@
+"""Bodies are JSON: a route that reads a JSON body answers 415 to any other content type.
+
+FastAPI would hand such a body to validation as bytes and answer 422 "Input should
+be a valid dictionary"; the client's mistake is the media type (SPEC §3). Routes
+that read a form (the OAuth2 token route) or their raw body (the redirect gateway)
+have no JSON body field and are left alone.
+"""
+
+from __future__ import annotations
+
+from email.message import Message
+
+from fastapi import FastAPI, params
+from fastapi.routing import APIRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.errors import UnsupportedMediaType
+
+JSON_MEDIA_TYPE = "application/json"
+
+
+def is_json_media_type(content_type: str) -> bool:
+    """`application/json` or any `application/*+json`, parameters aside."""
+    message = Message()
+    message["content-type"] = content_type
+    if message.get_content_maintype() != "application":
+        return False
+    subtype = message.get_content_subtype()
+    return subtype == "json" or subtype.endswith("+json")
+
+
+def _declares_body(scope: Scope) -> tuple[str | None, bool]:
+    """(the Content-Type header, whether the request says it has a body)."""
+    content_type: str | None = None
+    has_body = False
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            content_type = value.decode("latin-1")
+        elif name == b"content-length":
+            has_body = has_body or value.strip() not in (b"", b"0")
+        elif name == b"transfer-encoding":
+            has_body = True
+    return content_type, has_body
+
+
+def _require_json(app: ASGIApp) -> ASGIApp:
+    async def checked(scope: Scope, receive: Receive, send: Send) -> None:
+        content_type, has_body = _declares_body(scope)
+        # No Content-Type and no body is a missing body: validation answers that (422).
+        if (content_type is not None or has_body) and not is_json_media_type(content_type or ""):
+            raise UnsupportedMediaType(
+                f"The request body must be {JSON_MEDIA_TYPE}; "
+                f"got {content_type or 'no Content-Type'}.",
+                # RFC 9110 §15.5.16: `Accept` names the media types that would do.
+                headers={"Accept": JSON_MEDIA_TYPE},
+            )
+        await app(scope, receive, send)
+
+    return checked
+
+
+def _has_json_body(route: APIRoute) -> bool:
+    field = route.body_field
+    return field is not None and not isinstance(field.field_info, params.Form)
+
+
+def require_json_bodies(app: FastAPI) -> None:
+    """Guard every route of `app` that reads a JSON body with the Content-Type check."""
+    for route in app.router.routes:
+        if isinstance(route, APIRoute) and _has_json_body(route):
+            route.app = _require_json(route.app)
