@@ -12,6 +12,7 @@ from sqlalchemy import text
 
 from api.helpers.orjson_coder import ORJSONResponse
 from api.metrics import render_metrics
+from api.redis_core.circuit import describe
 from api.state import get_state
 
 router = APIRouter(tags=["ops"])
@@ -38,7 +39,7 @@ async def _probe(check: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
     except TimeoutError:
         outcome: dict[str, Any] = {"status": "fail", "detail": f"no answer within {PROBE_TIMEOUT}s"}
     except Exception as exc:  # a probe reports any failure instead of raising it
-        outcome = {"status": "fail", "detail": type(exc).__name__}
+        outcome = {"status": "fail", "detail": describe(exc)}
     else:
         outcome = {"status": "pass"}
     outcome["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
@@ -67,15 +68,23 @@ async def ready(request: Request) -> Response:
             await conn.execute(text("SELECT 1"))
 
     async def redis() -> None:
-        await state["redis"].ping()
+        # What every request does (the limiter's script on a key's slot), not a PING of
+        # whichever node answers first.
+        await state["limiter"].probe()
 
     async def rabbitmq() -> None:
         if not state["rabbit"].is_connected:
             raise ConnectionError("not connected")
 
     pg, rd, mq = await asyncio.gather(_probe(postgres), _probe(redis), _probe(rabbitmq))
+    fault = state["limiter"].circuit.current_fault
+    if rd["status"] == "pass" and fault is not None:
+        # Redis answers, but a call of the service's failed with an error that is not an
+        # outage (WRONGTYPE, CROSSSLOT, NOPERM...): served without Redis meanwhile.
+        rd["status"] = "warn"
+        rd["detail"] = fault
     status: Status = "pass"
-    if rd["status"] == "fail" or mq["status"] == "fail":
+    if rd["status"] != "pass" or mq["status"] == "fail":
         status = "warn"
     if pg["status"] == "fail":
         status = "fail"

@@ -1,0 +1,129 @@
+"""Auto-pipelining on redis-py: the calls of one event-loop pass leave in one pipeline.
+
+Every request runs the token-bucket script and every write a generation bump. Sent one
+by one, each costs a pool checkout and a round trip of its own; here the calls made in
+one pass of the event loop are queued and sent together through the client's own
+non-transactional pipeline (`Redis.pipeline()` or `RedisCluster.pipeline()`, which
+groups them by node and follows MOVED/ASK). No protocol or slot logic of ours: only the
+batching.
+
+Scripts run by SHA. A NOSCRIPT reply (a restarted node, a promoted replica) loads the
+script (on every primary of a cluster) and runs those calls once more. Each caller gets
+its own reply or its own error; a failed pipeline fails every call in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
+
+from api.redis_core.client import RedisClient
+
+Arg = str | bytes | int | float
+
+# More calls than this in one pass go out as several pipelines, side by side.
+MAX_BATCH = 512
+
+
+class _Call:
+    __slots__ = ("args", "future", "script")
+
+    def __init__(
+        self, future: asyncio.Future[Any], args: tuple[Arg, ...], script: AsyncScript | None
+    ) -> None:
+        self.future = future
+        self.args = args
+        self.script = script
+
+
+class AutoPipeline:
+    """Queue calls; send each pass's calls as one pipeline on the kept client."""
+
+    def __init__(self, client: RedisClient) -> None:
+        self.client = client
+        self._queue: list[_Call] = []
+        self._running: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def register_script(self, source: str) -> AsyncScript:
+        """A script object (its SHA computed once) to pass to `evalsha`."""
+        return self.client.register_script(source)
+
+    def evalsha(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        """Run `script` on `keys` (one hash slot) with `args`; awaitable reply."""
+        return self._enqueue(("EVALSHA", script.sha, len(keys), *keys, *args), script)
+
+    def execute(self, *args: Arg) -> Any:
+        """Any single-slot command, e.g. `execute("SET", key, value, "EX", 60)`."""
+        return self._enqueue(args, None)
+
+    def _enqueue(self, args: tuple[Arg, ...], script: AsyncScript | None) -> asyncio.Future[Any]:
+        if self._closed:
+            raise RuntimeError("the Redis pipeline is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._queue:
+            loop.call_soon(self._flush)
+        self._queue.append(_Call(future, args, script))
+        return future
+
+    def _flush(self) -> None:
+        queue, self._queue = self._queue, []
+        for start in range(0, len(queue), MAX_BATCH):
+            task = asyncio.create_task(self._send(queue[start : start + MAX_BATCH]))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _send(self, calls: list[_Call]) -> None:
+        try:
+            results = await self._run(calls)
+        except BaseException as exc:
+            for call in calls:
+                if not call.future.done():
+                    call.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if missing:
+            results = await self._reload_and_rerun(calls, results, missing)
+        for call, result in zip(calls, results, strict=True):
+            if call.future.done():  # its caller gave up (cancelled)
+                continue
+            if isinstance(result, BaseException):
+                call.future.set_exception(result)
+            else:
+                call.future.set_result(result)
+
+    async def _run(self, calls: list[_Call]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for call in calls:
+            pipe.execute_command(*call.args)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def _reload_and_rerun(
+        self, calls: list[_Call], results: list[Any], missing: list[int]
+    ) -> list[Any]:
+        try:
+            for script in {id(calls[i].script): calls[i].script for i in missing}.values():
+                if script is not None:
+                    await self.client.script_load(script.script)
+            again = await self._run([calls[i] for i in missing])
+        except Exception as exc:
+            again = [exc] * len(missing)
+        results = list(results)
+        for index, result in zip(missing, again, strict=True):
+            results[index] = result
+        return results
+
+    async def close(self) -> None:
+        """Refuse new calls; let the pipelines already sent finish."""
+        self._closed = True
+        if self._queue:
+            self._flush()
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
