@@ -96,3 +96,16 @@ def create_redis(settings: Settings) -> RedisClient:
         retry=retry,
         **common,
     )
+
+
+async def close_redis(client: RedisClient) -> None:
+    """Close the client's connections, and under Sentinel the connections to the sentinels."""
+    await client.aclose()
+    manager = (
+        getattr(client.connection_pool, "sentinel_manager", None)
+        if isinstance(client, Redis)
+        else None
+    )
+    if manager is not None:
+        for sentinel in manager.sentinels:
+            await sentinel.aclose()

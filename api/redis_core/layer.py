@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from api.configs import Settings
 from api.redis_core.cache import ResponseCache
 from api.redis_core.circuit import RedisCircuit
-from api.redis_core.client import RedisClient, create_redis
+from api.redis_core.client import RedisClient, close_redis, create_redis
 from api.redis_core.keys import RedisKeys
 from api.redis_core.pipelining import AutoPipeline
 from api.redis_core.rate_limiter import RateLimiter
@@ -25,7 +25,7 @@ class RedisLayer:
         """In reverse: the probe, the queued calls, then the client's connections."""
         await self.circuit.close()
         await self.calls.close()
-        await self.client.aclose()
+        await close_redis(self.client)
 
 
 def open_redis_layer(settings: Settings) -> RedisLayer:
