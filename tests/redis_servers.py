@@ -147,8 +147,8 @@ class ClusterServers(Deployment):
         ports = [port] if port else [n.port for n in self.nodes if n.pid() is not None]
         return all("cluster_state:ok" in cli(p, "CLUSTER", "INFO", timeout=2) for p in ports)
 
-    def primary_of(self, key: str) -> int:
-        """The port of the primary serving `key`'s slot now."""
+    def primary_of(self, key: str) -> int | None:
+        """The port of the healthy primary serving `key`'s slot now (None during a failover)."""
         for node in self.nodes:
             if node.pid() is None:
                 continue
@@ -161,12 +161,22 @@ class ClusterServers(Deployment):
                     low, _, high = span.partition("-")
                     if low.isdigit() and int(low) <= int(slot) <= int(high or low):
                         return int(fields[1].split(":")[1].split("@")[0])
-        raise LookupError(key)
+        return None
+
+    def replicas_in_sync(self) -> bool:
+        for node in self.nodes:
+            if node.pid() is None:
+                continue
+            info = cli(node.port, "INFO", "replication")
+            if "role:slave" in info and "master_link_status:up" not in info:
+                return False
+        return True
 
     def restart(self, port: int) -> None:
         """Bring a killed node back; it rejoins from its config file as a replica."""
         self.node(port).start()
         _wait(lambda: self.state_ok(), 20, "cluster_state:ok on every node")
+        _wait(self.replicas_in_sync, 20, "replicas in sync")
 
 
 def start_cluster(root: Path) -> ClusterServers:
@@ -191,6 +201,8 @@ def start_cluster(root: Path) -> ClusterServers:
                 "",
                 "--appendonly",
                 "no",
+                "--repl-diskless-sync-delay",
+                "0",
             ],
         )
         cluster.nodes.append(node)
@@ -213,6 +225,8 @@ def start_cluster(root: Path) -> ClusterServers:
             timeout=30,
         )
         _wait(lambda: cluster.state_ok(), 20, "cluster_state:ok")
+        # A replica that has not synced yet cannot take over: wait for every link.
+        _wait(cluster.replicas_in_sync, 20, "replicas in sync")
     except BaseException:
         cluster.stop()
         raise
@@ -256,6 +270,7 @@ def start_sentinel(root: Path) -> SentinelServers:
     data = ["--bind", HOST, "--save", "", "--appendonly", "no"]
     for port in (SENTINEL_PRIMARY, SENTINEL_REPLICA, *SENTINEL_PORTS):
         _clear_port(port)
+    data += ["--repl-diskless-sync-delay", "0"]
     primary = Node(SENTINEL_PRIMARY, root / "primary", ["--port", str(SENTINEL_PRIMARY), *data])
     replica = Node(
         SENTINEL_REPLICA,
