@@ -20,10 +20,12 @@ import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from pydantic import ValidationError
+from redis.exceptions import ResponseError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.configs import RateLimitPolicy, Settings, describe_error
 from api.redis_core.client import create_redis
+from api.redis_core.layer import open_redis_layer
 from api.redis_core.rate_limiter import MemoryBuckets
 from tests.conftest import run_settings
 from tests.factories import TestUser, make_order, make_user
@@ -395,3 +397,33 @@ def test_the_fallback_divisor_shares_the_quota_between_processes() -> None:
     admitted_shared = sum(shared.take("k", policy, 1).allowed for _ in range(40))
     # Six processes each admitting 30 // 6 during an outage: 30 for the fleet, not 180.
     assert (admitted_alone, admitted_shared) == (30, 5)
+
+
+# --- the auto-pipeline ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("topology", ["standalone", "cluster"])
+async def test_the_auto_pipeline_gives_each_caller_its_own_reply(
+    topology: str, request: pytest.FixtureRequest
+) -> None:
+    settings = run_settings(**topology_overrides(topology, request))
+    layer = open_redis_layer(settings)
+    prefix = _prefix()
+    try:
+        # 600 callers in one loop pass: more than one pipeline, over every cluster node.
+        keys = [f"{prefix}{{n:{i}}}:counter" for i in range(600)]
+        firsts = await asyncio.gather(
+            *(layer.calls.execute("INCRBY", key, i) for i, key in enumerate(keys))
+        )
+        values = await asyncio.gather(*(layer.calls.execute("GET", key) for key in keys))
+        wrong = layer.calls.execute("HGET", keys[1], "field")
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await wrong
+        # A caller that gave up does not disturb the others' replies.
+        abandoned = layer.calls.execute("GET", keys[2])
+        abandoned.cancel()
+        assert await layer.calls.execute("GET", keys[3]) == b"3"
+    finally:
+        await layer.close()
+    assert firsts == list(range(600))
+    assert values == [str(i).encode() for i in range(600)]

@@ -27,6 +27,10 @@ Arg = str | bytes | int | float
 
 # More calls than this in one pass go out as several pipelines, side by side.
 MAX_BATCH = 512
+# Pipelines in flight at once (each holds a pooled connection per node it reaches);
+# calls made meanwhile wait and leave together when one returns, so a busy process
+# batches more instead of exhausting the pool.
+MAX_IN_FLIGHT = 16
 
 
 class _Call:
@@ -47,6 +51,7 @@ class AutoPipeline:
         self.client = client
         self._queue: list[_Call] = []
         self._running: set[asyncio.Task[None]] = set()
+        self._scheduled = False
         self._closed = False
 
     def register_script(self, source: str) -> AsyncScript:
@@ -66,17 +71,26 @@ class AutoPipeline:
             raise RuntimeError("the Redis pipeline is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        if not self._queue:
-            loop.call_soon(self._flush)
         self._queue.append(_Call(future, args, script))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
         return future
 
     def _flush(self) -> None:
-        queue, self._queue = self._queue, []
-        for start in range(0, len(queue), MAX_BATCH):
-            task = asyncio.create_task(self._send(queue[start : start + MAX_BATCH]))
+        self._scheduled = False
+        while self._queue and len(self._running) < MAX_IN_FLIGHT:
+            batch = self._queue[:MAX_BATCH]
+            del self._queue[:MAX_BATCH]
+            task = asyncio.create_task(self._send(batch))
             self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        if self._queue and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     async def _send(self, calls: list[_Call]) -> None:
         try:
@@ -123,7 +137,6 @@ class AutoPipeline:
     async def close(self) -> None:
         """Refuse new calls; let the pipelines already sent finish."""
         self._closed = True
-        if self._queue:
+        while self._queue or self._running:
             self._flush()
-        if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
