@@ -334,6 +334,10 @@ async def test_three_replicas_of_two_workers_share_one_quota_on_the_cluster(
         "RATE_LIMIT_DEFAULT": f"{quota}/3600",
         "OUTBOX_RELAY_ENABLED": "false",
         "STATUS_CONSUMER_ENABLED": "false",
+        # This test is about sharing, not about a slow Redis: on a busy test machine a
+        # worker's first call (the cluster's slot map) must not time out into the
+        # per-process fallback, which `decided_on_redis` below would show.
+        "REDIS_SOCKET_TIMEOUT": "3",
     }
     async with contextlib.AsyncExitStack() as stack:
         services = await asyncio.gather(
@@ -342,6 +346,11 @@ async def test_three_replicas_of_two_workers_share_one_quota_on_the_cluster(
                 for port in SERVICE_PORTS
             )
         )
+
+        for service in services:  # every worker's client has its slot map
+            for _ in range(6):
+                async with service.client() as client:
+                    assert (await client.get("/ping/ready")).status_code == 200
 
         async def one(index: int) -> int:
             # A fresh connection per request: the kernel spreads them over both workers.

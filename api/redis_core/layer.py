@@ -32,7 +32,7 @@ def open_redis_layer(settings: Settings) -> RedisLayer:
     """Build it without connecting (the first call connects)."""
     client = create_redis(settings)
     # The limiter's and the cache's calls of one loop pass leave in one pipeline.
-    calls = AutoPipeline(client)
+    calls = AutoPipeline(client, timeout=settings.REDIS_SOCKET_TIMEOUT)
     keys = RedisKeys(settings.REDIS_KEY_PREFIX)
     # One circuit for the limiter and the cache: a hung Redis is noticed once, by both,
     # and probed with the call every request makes.

@@ -7,6 +7,11 @@ non-transactional pipeline (`Redis.pipeline()` or `RedisCluster.pipeline()`, whi
 groups them by node and follows MOVED/ASK). No protocol or slot logic of ours: only the
 batching.
 
+Each pipeline, script reloads included, is bounded by REDIS_SOCKET_TIMEOUT: a hung
+Redis fails it (and every call queued behind it) with `TimeoutError`, an outage.
+Arguments (not the command name) are encoded to bytes here, once, so redis-py's packer
+passes them through.
+
 Scripts run by SHA. A NOSCRIPT reply (a restarted node, a promoted replica) loads the
 script (on every primary of a cluster) and runs those calls once more. Each caller gets
 its own reply or its own error; a failed pipeline fails every call in it.
@@ -33,6 +38,20 @@ MAX_BATCH = 512
 MAX_IN_FLIGHT = 16
 
 
+# The command name stays a str: the cluster pipeline looks its routing policy up by it.
+_EVALSHA = "EVALSHA"
+
+
+def _encode(value: Arg) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, bool):
+        raise TypeError("a bool is not a Redis argument")
+    return repr(value).encode()
+
+
 class _Call:
     __slots__ = ("args", "future", "script")
 
@@ -47,8 +66,9 @@ class _Call:
 class AutoPipeline:
     """Queue calls; send each pass's calls as one pipeline on the kept client."""
 
-    def __init__(self, client: RedisClient) -> None:
+    def __init__(self, client: RedisClient, *, timeout: float) -> None:
         self.client = client
+        self._timeout = timeout
         self._queue: list[_Call] = []
         self._running: set[asyncio.Task[None]] = set()
         self._scheduled = False
@@ -60,11 +80,12 @@ class AutoPipeline:
 
     def evalsha(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """Run `script` on `keys` (one hash slot) with `args`; awaitable reply."""
-        return self._enqueue(("EVALSHA", script.sha, len(keys), *keys, *args), script)
+        params = (script.sha, len(keys), *keys, *args)
+        return self._enqueue((_EVALSHA, *map(_encode, params)), script)
 
-    def execute(self, *args: Arg) -> Any:
+    def execute(self, command: str, *args: Arg) -> Any:
         """Any single-slot command, e.g. `execute("SET", key, value, "EX", 60)`."""
-        return self._enqueue(args, None)
+        return self._enqueue((command, *map(_encode, args)), None)
 
     def _enqueue(self, args: tuple[Arg, ...], script: AsyncScript | None) -> asyncio.Future[Any]:
         if self._closed:
@@ -94,17 +115,21 @@ class AutoPipeline:
 
     async def _send(self, calls: list[_Call]) -> None:
         try:
-            results = await self._run(calls)
+            async with asyncio.timeout(self._timeout):
+                results = await self._run(calls)
+                missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+                if missing:
+                    results = await self._reload_and_rerun(calls, results, missing)
         except BaseException as exc:
-            for call in calls:
+            # The whole pipeline failed (no connection, no answer in time): the calls
+            # queued behind it would meet the same Redis, so they fail now too.
+            failed, self._queue = [*calls, *self._queue], []
+            for call in failed:
                 if not call.future.done():
                     call.future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
             return
-        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
-        if missing:
-            results = await self._reload_and_rerun(calls, results, missing)
         for call, result in zip(calls, results, strict=True):
             if call.future.done():  # its caller gave up (cancelled)
                 continue
@@ -122,13 +147,11 @@ class AutoPipeline:
     async def _reload_and_rerun(
         self, calls: list[_Call], results: list[Any], missing: list[int]
     ) -> list[Any]:
-        try:
-            for script in {id(calls[i].script): calls[i].script for i in missing}.values():
-                if script is not None:
-                    await self.client.script_load(script.script)
-            again = await self._run([calls[i] for i in missing])
-        except Exception as exc:
-            again = [exc] * len(missing)
+        # On every primary of a cluster (redis-py sends SCRIPT LOAD to all of them).
+        for script in {id(calls[i].script): calls[i].script for i in missing}.values():
+            if script is not None:
+                await self.client.script_load(script.script)
+        again = await self._run([calls[i] for i in missing])
         results = list(results)
         for index, result in zip(missing, again, strict=True):
             results[index] = result
