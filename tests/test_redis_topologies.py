@@ -20,10 +20,20 @@ import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from pydantic import ValidationError
-from redis.exceptions import ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    ClusterDownError,
+    MovedError,
+    NoPermissionError,
+    ReadOnlyError,
+    ResponseError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.configs import RateLimitPolicy, Settings, describe_error
+from api.redis_core.circuit import fault_kind
 from api.redis_core.client import create_redis
 from api.redis_core.layer import open_redis_layer
 from api.redis_core.rate_limiter import MemoryBuckets
@@ -436,3 +446,28 @@ async def test_the_auto_pipeline_gives_each_caller_its_own_reply(
         await layer.close()
     assert firsts == list(range(600))
     assert values == [str(i).encode() for i in range(600)]
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (RedisConnectionError("Connection refused"), None),
+        (RedisTimeoutError("Timeout reading"), None),
+        (TimeoutError(), None),
+        (ClusterDownError("CLUSTERDOWN The cluster is down"), None),
+        (
+            ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+            "WRONGTYPE",
+        ),
+        (ResponseError("CROSSSLOT Keys in request don't hash to the same slot"), "CROSSSLOT"),
+        (
+            NoPermissionError("NOPERM this user has no permissions to run the 'evalsha' command"),
+            "NOPERM",
+        ),
+        (ReadOnlyError("READONLY You can't write against a read only replica."), "READONLY"),
+        (MovedError("3999 127.0.0.1:6381"), "MOVED"),
+        (AuthenticationError("invalid username-password pair"), "AUTH"),
+    ],
+)
+def test_only_an_outage_is_an_outage(error: Exception, kind: str | None) -> None:
+    assert fault_kind(error) == kind

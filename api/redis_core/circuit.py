@@ -24,9 +24,14 @@ from collections.abc import Awaitable, Callable
 
 from redis.asyncio.sentinel import MasterNotFoundError
 from redis.exceptions import (
+    AskError,
     AuthenticationError,
     AuthorizationError,
+    ClusterCrossSlotError,
     ClusterDownError,
+    MovedError,
+    NoPermissionError,
+    ReadOnlyError,
     RedisClusterException,
     RedisError,
     ResponseError,
@@ -67,6 +72,16 @@ _OUTAGES: tuple[type[BaseException], ...] = (
 )
 
 
+# redis-py's own classes for replies whose text does not start with their name.
+_NAMED_FAULTS: tuple[tuple[type[BaseException], str], ...] = (
+    (MovedError, "MOVED"),
+    (AskError, "ASK"),
+    (ClusterCrossSlotError, "CROSSSLOT"),
+    (NoPermissionError, "NOPERM"),
+    (ReadOnlyError, "READONLY"),
+)
+
+
 def fault_kind(exc: BaseException) -> str | None:
     """None for an outage; else the fault's name (`WRONGTYPE`, `CROSSSLOT`, `AUTH`, `TLS`…)."""
     if isinstance(exc, AuthenticationError | AuthorizationError):
@@ -75,6 +90,9 @@ def fault_kind(exc: BaseException) -> str | None:
         return "TLS"
     if isinstance(exc, _OUTAGES):
         return None
+    for error, name in _NAMED_FAULTS:
+        if isinstance(exc, error):
+            return name
     if isinstance(exc, ResponseError):
         word = str(exc).split(" ", 1)[0]
         if word.isupper() and word.isalpha():
