@@ -392,6 +392,20 @@ async def test_list_is_cached_and_sees_a_new_order(
     assert len(after.json()["items"]) == 2
 
 
+async def test_an_admins_cached_list_sees_any_users_new_order(
+    client: httpx.AsyncClient, user: TestUser, other_user: TestUser, admin: TestUser
+) -> None:
+    url = f"/v1/orders?user_id={other_user.id}"
+    await client.get(url, headers=admin.headers)
+    assert (await client.get(url, headers=admin.headers)).headers["x-cache"] == "HIT"
+    await make_order(client, user)  # another user's write: the admins' counter moves
+    assert (await client.get(url, headers=admin.headers)).headers["x-cache"] == "MISS"
+    order = await make_order(client, other_user)
+    after = await client.get(url, headers=admin.headers)
+    assert after.headers["x-cache"] == "MISS"
+    assert [item["id"] for item in after.json()["items"]] == [order["id"]]
+
+
 async def test_cache_is_per_viewer(
     client: httpx.AsyncClient, user: TestUser, other_user: TestUser
 ) -> None:
