@@ -23,6 +23,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+from redis.asyncio import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
@@ -32,6 +33,10 @@ Arg = str | bytes | int | float
 
 # More calls than this in one pass go out as several pipelines, side by side.
 MAX_BATCH = 512
+# A cluster client's slot map (CLUSTER SLOTS, COMMAND on a node), fetched on first use
+# and after a failover, may take longer than one batch's bound on a busy host; it gets
+# a bound of its own instead of failing the first requests into the fallback.
+SLOT_MAP_TIMEOUT = 2.0
 # Pipelines in flight at once (each holds a pooled connection per node it reaches);
 # calls made meanwhile wait and leave together when one returns, so a busy process
 # batches more instead of exhausting the pool.
@@ -115,6 +120,9 @@ class AutoPipeline:
 
     async def _send(self, calls: list[_Call]) -> None:
         try:
+            if isinstance(self.client, RedisCluster):
+                async with asyncio.timeout(max(self._timeout, SLOT_MAP_TIMEOUT)):
+                    await self.client.initialize()  # returns at once when the map is known
             async with asyncio.timeout(self._timeout):
                 results = await self._run(calls)
                 missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
