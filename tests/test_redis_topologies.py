@@ -425,7 +425,8 @@ def test_the_fallback_divisor_shares_the_quota_between_processes() -> None:
 async def test_the_auto_pipeline_gives_each_caller_its_own_reply(
     topology: str, request: pytest.FixtureRequest
 ) -> None:
-    settings = run_settings(**topology_overrides(topology, request))
+    # Replies, not timing: a generous bound for 600 calls on a busy test machine.
+    settings = run_settings(**topology_overrides(topology, request), REDIS_SOCKET_TIMEOUT=5)
     layer = open_redis_layer(settings)
     prefix = _prefix()
     try:
