@@ -135,6 +135,9 @@ class AutoPipeline:
             for call in failed:
                 if not call.future.done():
                     call.future.set_exception(exc)
+                    # Retrieved by its caller, which reports it; one that stopped
+                    # waiting (its request ended) must not log it as never retrieved.
+                    call.future.exception()
             if not isinstance(exc, Exception):
                 raise
             return
@@ -143,6 +146,7 @@ class AutoPipeline:
                 continue
             if isinstance(result, BaseException):
                 call.future.set_exception(result)
+                call.future.exception()
             else:
                 call.future.set_result(result)
 
