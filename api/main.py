@@ -69,6 +69,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
     settings: Settings = app.state.settings
     engine = create_engine(settings)
     redis = open_redis_layer(settings)
+    redis.start()
     rabbit = RabbitClient(settings)
     await rabbit.start()
     rpc = RpcClient(rabbit)
