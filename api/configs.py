@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -26,6 +27,12 @@ EXAMPLE_JWT_SECRET = "change-me-in-production-this-is-only-for-local-dev"  # noq
 MIN_PRODUCTION_SECRET_BYTES = 32
 
 _RATE_LIMIT_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+class RedisMode(StrEnum):
+    STANDALONE = "standalone"
+    SENTINEL = "sentinel"
+    CLUSTER = "cluster"
 
 
 class AppEnv(StrEnum):
@@ -59,6 +66,13 @@ def _split_csv(value: object) -> object:
 
 
 CsvList = Annotated[list[str], NoDecode]
+
+
+def _host_port(node: str) -> tuple[str, int]:
+    host, sep, port = node.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"expected 'host:port', got {node!r}")
+    return host.strip("[]"), int(port)
 
 
 class Settings(BaseSettings):
@@ -124,6 +138,18 @@ class Settings(BaseSettings):
     REDIS_TTL_EXPIRE: int = Field(default=60, ge=1, le=86_400)
     REDIS_KEY_PREFIX: str = Field(default="orders:", max_length=64)
     REDIS_SOCKET_TIMEOUT: float = Field(default=0.5, gt=0, le=30)
+    # SPEC §12: the topology, its nodes (sentinels, or cluster seed nodes) and TLS.
+    REDIS_MODE: RedisMode = RedisMode.STANDALONE
+    REDIS_NODES: CsvList = Field(default_factory=list)
+    REDIS_SENTINEL_MASTER: str = Field(default="mymaster", min_length=1, max_length=255)
+    REDIS_TLS: bool = False
+    REDIS_TLS_CA_FILE: str = ""
+    REDIS_TLS_CERT_FILE: str = ""
+    REDIS_TLS_KEY_FILE: str = ""
+    # While Redis is away each process limits with its own buckets; this divides every
+    # quota in them, so a fleet of N processes admits about Q*N/N = Q per window when set
+    # to the number of processes (README, "Fleet-wide quota"). 1 keeps the full quota.
+    RATE_LIMIT_FALLBACK_DIVISOR: int = Field(default=1, ge=1, le=10_000)
 
     JWT_SECRET_KEY: SecretStr = SecretStr(EXAMPLE_JWT_SECRET)
     JWT_ALGORITHM: Literal["HS256", "HS384", "HS512"] = "HS256"
@@ -154,7 +180,9 @@ class Settings(BaseSettings):
 
     IDEMPOTENCY_TTL_HOURS: int = Field(default=24, ge=1, le=24 * 30)
 
-    @field_validator("ENV_ALLOWED_ORIGINS", "TRUSTED_PROXIES", "REDIRECT_SERVICES", mode="before")
+    @field_validator(
+        "ENV_ALLOWED_ORIGINS", "TRUSTED_PROXIES", "REDIRECT_SERVICES", "REDIS_NODES", mode="before"
+    )
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
@@ -177,7 +205,33 @@ class Settings(BaseSettings):
     def _prefix(cls, value: str) -> str:
         if any(ch.isspace() for ch in value):
             raise ValueError("must not contain white space")
+        if "{" in value or "}" in value:
+            # A brace would become every key's hash tag: one cluster slot for everything.
+            raise ValueError("must not contain '{' or '}'")
         return value
+
+    @field_validator("REDIS_NODES")
+    @classmethod
+    def _nodes(cls, value: list[str]) -> list[str]:
+        for node in value:
+            _host_port(node)
+        return value
+
+    @model_validator(mode="after")
+    def _redis_topology(self) -> Settings:
+        if self.REDIS_MODE is not RedisMode.STANDALONE and not self.REDIS_NODES:
+            raise ValueError(f"REDIS_NODES: required when REDIS_MODE={self.REDIS_MODE.value}")
+        if self.REDIS_MODE is RedisMode.CLUSTER and self.REDIS_DB != 0:
+            raise ValueError("REDIS_DB: must be 0 when REDIS_MODE=cluster")
+        if not self.REDIS_TLS:
+            return self
+        for name in ("REDIS_TLS_CA_FILE", "REDIS_TLS_CERT_FILE", "REDIS_TLS_KEY_FILE"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ValueError(f"{name}: no such file")
+        if bool(self.REDIS_TLS_CERT_FILE) != bool(self.REDIS_TLS_KEY_FILE):
+            raise ValueError("REDIS_TLS_CERT_FILE: set together with REDIS_TLS_KEY_FILE")
+        return self
 
     @model_validator(mode="after")
     def _production_secret(self) -> Settings:
@@ -203,6 +257,10 @@ class Settings(BaseSettings):
                 ("orders_create", self.RATE_LIMIT_ORDERS_CREATE),
             )
         }
+
+    @property
+    def redis_nodes(self) -> list[tuple[str, int]]:
+        return [_host_port(node) for node in self.REDIS_NODES]
 
     @property
     def trusted_proxy_networks(self) -> list[IPv4Network | IPv6Network]:

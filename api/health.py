@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from api.database.query.outbox import outbox_backlog_stats
 from api.metrics import DEAD_LETTERED, DEPENDENCY_READY, OUTBOX_BACKLOG, OUTBOX_OLDEST_AGE
 from api.rabbit_core.client import RabbitClient
+from api.redis_core.circuit import describe
 from api.state import AppState
 
 PROBE_TIMEOUT = 1.0
@@ -35,7 +36,7 @@ async def probe(check: Callable[[], Awaitable[Any]]) -> Check:
     except TimeoutError:
         outcome: Check = {"status": "fail", "detail": f"no answer within {PROBE_TIMEOUT}s"}
     except Exception as exc:  # a probe reports any failure instead of raising it
-        outcome = {"status": "fail", "detail": type(exc).__name__}
+        outcome = {"status": "fail", "detail": describe(exc)}
     else:
         outcome = {"status": "pass"}
     outcome["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
@@ -50,13 +51,21 @@ async def check_dependencies(state: AppState) -> dict[str, Check]:
             await conn.execute(text("SELECT 1"))
 
     async def redis() -> None:
-        await state["redis"].ping()
+        # What every request does (the limiter's script on a key's slot), not a PING of
+        # whichever node answers first.
+        await state["limiter"].probe()
 
     async def rabbitmq() -> None:
         if not state["rabbit"].is_connected:
             raise ConnectionError("not connected")
 
     pg, rd, mq = await asyncio.gather(probe(postgres), probe(redis), probe(rabbitmq))
+    fault = state["limiter"].circuit.current_fault
+    if rd["status"] == "pass" and fault is not None:
+        # Redis answers, but a call of the service's failed with an error that is not an
+        # outage (WRONGTYPE, CROSSSLOT, NOPERM...): served without Redis meanwhile.
+        rd["status"] = "warn"
+        rd["detail"] = fault
     checks = {"postgres": pg, "redis": rd, "rabbitmq": mq}
     for name, check in checks.items():
         DEPENDENCY_READY.labels(name).set(1 if check["status"] == "pass" else 0)

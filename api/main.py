@@ -34,11 +34,7 @@ from api.media_types import is_json_media_type, require_json_bodies
 from api.middleware import ProblemCORSMiddleware, RequestContextMiddleware
 from api.rabbit_core.client import RabbitClient, RabbitUnavailable
 from api.rabbit_core.rpc import RpcClient
-from api.redis_core.cache import ResponseCache
-from api.redis_core.circuit import RedisCircuit
-from api.redis_core.client import create_redis
-from api.redis_core.multiplexed import MultiplexedRedis
-from api.redis_core.rate_limiter import RateLimiter
+from api.redis_core.layer import open_redis_layer
 from api.routers import auth, events, orders, ping, rate_limits, redirect
 from api.schemas.orders import OrderRead
 from api.services.retention_sweeper import RetentionSweeper
@@ -76,7 +72,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
     """
     settings: Settings = app.state.settings
     engine = create_engine(settings)
-    redis = create_redis(settings)
+    redis = open_redis_layer(settings)
+    redis.start()
     rabbit = RabbitClient(settings)
     await rabbit.start()
     rpc = RpcClient(rabbit)
@@ -84,14 +81,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
     sessionmaker = create_sessionmaker(engine)
     retention_sweeper = RetentionSweeper(sessionmaker)
     retention_sweeper.start()
-    # One circuit for the limiter and the cache: a hung Redis is noticed once, by both.
-    redis_circuit = RedisCircuit(redis)
-    # The limiter's and the cache's per-request scripts share one pipelined connection.
-    scripts = MultiplexedRedis(settings)
-    cache = ResponseCache(redis, settings, redis_circuit, scripts=scripts)
+    cache = redis.cache
 
     async def invalidate_cache(order: OrderRead) -> None:
-        await cache.invalidate(order.user_id)
+        await cache.invalidate(order.user_id, order.id)
 
     # Status changes from processors make cached reads stale like API writes do.
     event_workers = EventWorkers(settings, sessionmaker, rabbit, on_status_applied=invalidate_cache)
@@ -101,10 +94,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
             settings=settings,
             engine=engine,
             sessionmaker=sessionmaker,
-            redis=redis,
+            redis=redis.client,
             rabbit=rabbit,
             rpc=rpc,
-            limiter=RateLimiter(redis, settings, redis_circuit, scripts=scripts),
+            limiter=redis.limiter,
             cache=cache,
             trusted_proxies=settings.trusted_proxy_networks,
         )
@@ -114,9 +107,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         await retention_sweeper.close()
         await rpc.close()
         await rabbit.close()
-        await redis_circuit.close()
-        await scripts.close()
-        await redis.aclose()
+        await redis.close()
         await engine.dispose()
         shutdown_tracing()
 

@@ -55,6 +55,12 @@ RATE_LIMIT_FALLBACKS = Counter(
     "rate_limit_fallback_total",
     "Times the limiter fell back to in-process buckets because Redis was unreachable.",
 )
+REDIS_ERRORS = Counter(
+    "redis_errors_total",
+    "Failed Redis calls by kind: outage, or the error that is not one (WRONGTYPE, CROSSSLOT, "
+    "READONLY, NOPERM, AUTH, TLS...).",
+    ["kind"],
+)
 CACHE_LOOKUPS = Counter(
     "cache_lookups_total",
     "Response cache lookups by result (hit, miss, bypass).",
@@ -111,6 +117,11 @@ def http_latency(method: str, route: str) -> Histogram:
 @lru_cache(maxsize=64)
 def rate_limit_decisions(policy: str, decision: str, backend: str) -> Counter:
     return RATE_LIMIT_DECISIONS.labels(policy, decision, backend)
+
+
+@lru_cache(maxsize=64)
+def redis_errors(kind: str) -> Counter:
+    return REDIS_ERRORS.labels(kind)
 
 
 @lru_cache(maxsize=8)

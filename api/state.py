@@ -3,26 +3,24 @@
 from __future__ import annotations
 
 from ipaddress import IPv4Network, IPv6Network
-from typing import TYPE_CHECKING, TypedDict, cast
+from typing import TypedDict, cast
 
 from fastapi import Request
-from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from api.configs import Settings
 from api.rabbit_core.client import RabbitClient
 from api.rabbit_core.rpc import RpcClient
-
-if TYPE_CHECKING:  # these modules read the state themselves
-    from api.redis_core.cache import ResponseCache
-    from api.redis_core.rate_limiter import RateLimiter
+from api.redis_core.cache import ResponseCache
+from api.redis_core.client import RedisClient
+from api.redis_core.rate_limiter import RateLimiter
 
 
 class AppState(TypedDict):
     settings: Settings
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
-    redis: Redis
+    redis: RedisClient
     rabbit: RabbitClient
     rpc: RpcClient
     limiter: RateLimiter

@@ -21,10 +21,7 @@ from api.event_workers import EventWorkers
 from api.helpers.logger import configure_logging
 from api.helpers.orjson_coder import ORJSONResponse
 from api.rabbit_core.client import RabbitClient
-from api.redis_core.cache import ResponseCache
-from api.redis_core.circuit import RedisCircuit
-from api.redis_core.client import create_redis
-from api.redis_core.multiplexed import MultiplexedRedis
+from api.redis_core.layer import open_redis_layer
 from api.routers import ping
 from api.schemas.orders import OrderRead
 from api.services.retention_sweeper import RetentionSweeper
@@ -40,15 +37,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
     settings: Settings = app.state.settings
     engine = create_engine(settings)
     sessionmaker = create_sessionmaker(engine)
-    redis = create_redis(settings)
-    redis_circuit = RedisCircuit(redis)
-    scripts = MultiplexedRedis(settings)
-    cache = ResponseCache(redis, settings, redis_circuit, scripts=scripts)
+    redis = open_redis_layer(settings)
+    redis.start()
+    cache = redis.cache
     rabbit = RabbitClient(settings)
     await rabbit.start()
 
     async def invalidate_cache(order: OrderRead) -> None:
-        await cache.invalidate(order.user_id)
+        await cache.invalidate(order.user_id, order.id)
 
     # The worker exists to run these two, whatever the API's switches say.
     enabled = settings.model_copy(
@@ -60,14 +56,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
     await event_workers.start()
     try:
         # The readiness route reads these keys of the state, as in the API.
-        yield {"settings": settings, "engine": engine, "redis": redis, "rabbit": rabbit}
+        yield {
+            "settings": settings,
+            "engine": engine,
+            "redis": redis.client,
+            "limiter": redis.limiter,
+            "rabbit": rabbit,
+        }
     finally:
         await event_workers.stop()
         await retention_sweeper.close()
         await rabbit.close()
-        await redis_circuit.close()
-        await scripts.close()
-        await redis.aclose()
+        await redis.close()
         await engine.dispose()
         shutdown_tracing()
 

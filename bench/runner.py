@@ -39,6 +39,7 @@ from bench.scenarios import Comparison, Inputs, Scenario, build_comparisons, bui
 from bench.seed import ORDER_BODY_BYTES, create_orders, register_and_login, service_client
 from bench.servers import Deployment, Server
 from bench.wrk_runner import WrkError, WrkResult, ensure_wrk, run_wrk, wrk_version
+from tests.redis_servers import ClusterServers, start_cluster
 
 # Longer than the reference pool keeps an idle connection, so pools never add up.
 PAUSE_BETWEEN_RUNS = 1.5
@@ -103,6 +104,7 @@ class Run:
     servers: dict[str, Server] = field(default_factory=dict)
     database_created: bool = False
     db: Database | None = None
+    cluster: ClusterServers | None = None
 
     @property
     def database(self) -> Database:
@@ -157,6 +159,8 @@ def main() -> int:
     finally:
         log("cleaning up: processes, database, Redis keys, RabbitMQ names")
         run.stop_servers()
+        if run.cluster is not None:
+            run.cluster.stop()
         if run.database_created:
             asyncio.run(environment.clean_up(run.settings))
         shutil.rmtree(run.work_dir, ignore_errors=True)
@@ -181,6 +185,8 @@ async def bench(run: Run) -> int:
     run.database_created = True
     await asyncio.to_thread(environment.migrate, run.base_env)
     run.db = Database(asyncpg_dsn(run.settings))
+    log("starting a 6-node Redis Cluster (ports 17001-17006) for the cluster scenario")
+    run.cluster = await asyncio.to_thread(start_cluster, run.work_dir / "redis-cluster")
     try:
         return await measure(run, machine)
     finally:
@@ -201,6 +207,17 @@ async def measure(run: Run, machine: dict[str, Any]) -> int:
             overrides={"RATE_LIMIT_ENABLED": "false", **BACKGROUND_OFF},
         ),
         "one_worker": Deployment("one_worker", 1, overrides=BACKGROUND_OFF),
+        # The same service on the 6-node cluster: limiter and cache on RedisCluster.
+        "cluster": Deployment(
+            "cluster",
+            config.workers,
+            overrides={
+                "REDIS_MODE": "cluster",
+                "REDIS_NODES": run.cluster.seeds if run.cluster else "",
+                "REDIS_DB": "0",
+                **BACKGROUND_OFF,
+            },
+        ),
     }
     await start_servers(run)
     inputs = await seed(run, reference_ids)

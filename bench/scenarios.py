@@ -136,6 +136,14 @@ def build_scenarios(inputs: Inputs, *, connections: int, low_connections: int) -
             connections,
         ),
         Scenario(
+            "order_cached_cluster",
+            "GET /v1/orders/{id} cached, Redis Cluster (6 nodes)",
+            "cluster",
+            cached_get("cluster"),
+            limited_hit,
+            connections,
+        ),
+        Scenario(
             "order_cached_one_worker",
             "GET /v1/orders/{id} cached, 1 worker",
             "one_worker",
@@ -255,6 +263,14 @@ def build_comparisons(low_connections: int, connections: int) -> list[Comparison
             "order_cached",
             "order_cached_one_worker",
             1.40,
+        ),
+        # No target in the issue: the cluster's cost next to the same read on one Redis.
+        Comparison(
+            "cluster",
+            "cached GET on Redis Cluster vs on one Redis",
+            "order_cached_cluster",
+            "order_cached",
+            0.0,
         ),
         # No target in the issue: shown so a regression of the list page is visible.
         Comparison("list", "list page vs bare JSON", "order_list", "bare_json", 0.0),

@@ -77,7 +77,32 @@ ensure() { # name host port starter seconds
 }
 
 ensure PostgreSQL "$PGHOST_" "$PGPORT_" start_postgres 30
-ensure Redis "$REDIS_HOST_" "$REDIS_PORT_" start_redis 15
+check_redis_nodes() { # REDIS_MODE: never start a local Redis for REDIS_HOST; one node must answer
+  local node host port answered=0
+  [[ -n "${REDIS_NODES:-}" ]] || {
+    echo "services: REDIS_NODES is required when REDIS_MODE=$REDIS_MODE_" >&2
+    exit 1
+  }
+  IFS=',' read -ra nodes <<<"$REDIS_NODES"
+  for node in "${nodes[@]}"; do
+    node=${node// /}
+    host=${node%:*}; host=${host#[}; host=${host%]}
+    port=${node##*:}
+    if answers "$host" "$port"; then
+      answered=1
+    else
+      echo "services: Redis $REDIS_MODE_ node $node is not answering" >&2
+    fi
+  done
+  ((answered)) || fail "Redis ($REDIS_MODE_)" "any of REDIS_NODES=$REDIS_NODES"
+}
+
+REDIS_MODE_=${REDIS_MODE:-standalone}
+case "$REDIS_MODE_" in
+  standalone) ensure Redis "$REDIS_HOST_" "$REDIS_PORT_" start_redis 15 ;;
+  sentinel | cluster) check_redis_nodes ;;
+  *) echo "services: REDIS_MODE must be standalone, sentinel or cluster" >&2; exit 1 ;;
+esac
 ensure RabbitMQ "$RMQ_HOST_" "$RMQ_PORT_" start_rabbitmq 60
 
 if [[ "${1:-}" != "--no-db" ]]; then

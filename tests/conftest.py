@@ -26,6 +26,10 @@ from api.database.connection import create_engine, create_sessionmaker
 from api.main import create_app
 from api.rabbit_core.topology import TopologyNames
 from tests.factories import TestUser, make_user
+from tests.redis_servers import redis_cluster, redis_sentinel, redis_tls
+
+# Private Redis deployments (cluster, Sentinel, TLS), started on first use.
+__all__ = ["redis_cluster", "redis_sentinel", "redis_tls"]
 
 RUN_ID = uuid.uuid4().hex[:10]
 

@@ -1,4 +1,9 @@
-"""Rate limits and the response cache as a client sees them (SPEC §6, §7)."""
+"""Rate limits and the response cache as a client sees them (SPEC §6, §7, §12).
+
+Every test runs on each Redis topology (standalone, a 6-node cluster, Sentinel): the
+same assertions must hold on all of them. Tests that stop the shared Redis run on
+standalone only.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aio_pika
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
@@ -19,9 +25,69 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.pool import Pool
 
 from api.configs import Settings
-from tests.conftest import run_settings
+from api.helpers.orjson_coder import dumps
+from api.redis_core.client import close_redis, create_redis
+from tests.conftest import RUN_ID, run_settings
+from tests.event_helpers import delete_rabbit_names
 from tests.factories import TestUser, make_order, make_user
+from tests.redis_servers import topology_overrides
 from tests.services import redis_stopped
+
+TOPOLOGIES = ("standalone", "cluster", "sentinel")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Each test once per topology; a test that stops the shared Redis on standalone only."""
+    if "topology" in metafunc.fixturenames:
+        stops_redis = metafunc.definition.get_closest_marker("faults") is not None
+        topologies = ("standalone",) if stops_redis else TOPOLOGIES
+        metafunc.parametrize("topology", topologies, scope="module")
+
+
+@pytest.fixture(scope="module")
+def topology_settings(topology: str, request: pytest.FixtureRequest) -> dict[str, str]:
+    """Settings of this topology, with RabbitMQ names of its own (its own status consumer)."""
+    names = f"test.{RUN_ID}.{topology}"
+    return {
+        **topology_overrides(topology, request),
+        "RMQ_EXCHANGE": f"{names}.orders",
+        "RMQ_QUEUE": f"{names}.orders.events",
+        "RMQ_STATUS_QUEUE": f"{names}.orders.status-updates",
+        "RMQ_RPC_EXCHANGE": f"{names}.orders.rpc",
+    }
+
+
+@pytest.fixture(scope="module")
+async def app_factory(
+    app_factory: Callable[..., FastAPI], topology_settings: dict[str, str]
+) -> AsyncIterator[Callable[..., FastAPI]]:
+    def build(**overrides: Any) -> FastAPI:
+        return app_factory(**{**topology_settings, **overrides})
+
+    yield build
+    await delete_rabbit_names(run_settings(**topology_settings))
+
+
+@pytest.fixture(scope="module")
+async def topology_app(app_factory: Callable[..., FastAPI]) -> AsyncIterator[FastAPI]:
+    async with LifespanManager(app_factory(), startup_timeout=30, shutdown_timeout=30) as manager:
+        await manager._state["rabbit"].wait_connected(timeout=30)
+        yield manager.app  # type: ignore[misc]
+
+
+@pytest.fixture(scope="module")
+async def client(topology_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=topology_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+async def topology_redis(topology_settings: dict[str, str]) -> AsyncIterator[Any]:
+    """A client of this topology for assertions."""
+    client = create_redis(run_settings(**topology_settings))
+    yield client
+    await close_redis(client)
 
 
 def fresh(app_factory: Callable[..., FastAPI], **overrides: str) -> FastAPI:
@@ -326,6 +392,20 @@ async def test_list_is_cached_and_sees_a_new_order(
     assert len(after.json()["items"]) == 2
 
 
+async def test_an_admins_cached_list_sees_any_users_new_order(
+    client: httpx.AsyncClient, user: TestUser, other_user: TestUser, admin: TestUser
+) -> None:
+    url = f"/v1/orders?user_id={other_user.id}"
+    await client.get(url, headers=admin.headers)
+    assert (await client.get(url, headers=admin.headers)).headers["x-cache"] == "HIT"
+    await make_order(client, user)  # another user's write: the admins' counter moves
+    assert (await client.get(url, headers=admin.headers)).headers["x-cache"] == "MISS"
+    order = await make_order(client, other_user)
+    after = await client.get(url, headers=admin.headers)
+    assert after.headers["x-cache"] == "MISS"
+    assert [item["id"] for item in after.json()["items"]] == [order["id"]]
+
+
 async def test_cache_is_per_viewer(
     client: httpx.AsyncClient, user: TestUser, other_user: TestUser
 ) -> None:
@@ -352,16 +432,49 @@ async def test_no_cache_request_bypasses(client: httpx.AsyncClient, user: TestUs
 async def test_cache_keys_live_under_the_prefix(
     client: httpx.AsyncClient,
     user: TestUser,
-    redis,
-    settings: Settings,  # type: ignore[no-untyped-def]
+    topology_redis: Any,
+    settings: Settings,
 ) -> None:
     order = await make_order(client, user)
     await client.get(f"/v1/orders/{order['id']}", headers=user.headers)
-    keys = [key async for key in redis.scan_iter(match=f"*{order['id']}*")]
+    redis = topology_redis
+    keys = [key async for key in redis.scan_iter(match=f"*{user.id}*")]
     assert keys
     assert all(key.decode().startswith(settings.REDIS_KEY_PREFIX) for key in keys)
-    entry = await redis.get(keys[0])
+    # The owner's bucket, generation and entries share one hash tag: one cluster slot.
+    assert all(f"{{user:{user.id}}}" in key.decode() for key in keys)
+    entry = await redis.get(next(k for k in keys if order["id"].encode() in k))
     assert json.loads(entry.split(b"\n", 2)[2])["id"] == order["id"]
+
+
+async def test_status_update_from_the_queue_invalidates_the_cached_read(
+    client: httpx.AsyncClient, user: TestUser, admin: TestUser, topology_settings: dict[str, str]
+) -> None:
+    order = await make_order(client, user)
+    url = f"/v1/orders/{order['id']}"
+    for viewer in (user, admin):
+        await client.get(url, headers=viewer.headers)
+        assert (await client.get(url, headers=viewer.headers)).headers["x-cache"] == "HIT"
+    settings = run_settings(**topology_settings)
+    connection = await aio_pika.connect(settings.rabbitmq_url, timeout=10)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                dumps({"order_id": order["id"], "status": "paid"}),
+                content_type="application/json",
+                message_id=str(uuid.uuid4()),
+            ),
+            routing_key=settings.RMQ_STATUS_QUEUE,
+        )
+    # Without the invalidation the cached `pending` would be served until the TTL.
+    deadline = asyncio.get_running_loop().time() + 10
+    for viewer in (user, admin):
+        while (after := await client.get(url, headers=viewer.headers)).json()["status"] != "paid":
+            assert asyncio.get_running_loop().time() < deadline, "still the cached read"
+            await asyncio.sleep(0.05)
+        assert after.headers["x-cache"] == "MISS"
+        assert (await client.get(url, headers=viewer.headers)).headers["x-cache"] == "HIT"
 
 
 @pytest.mark.faults

@@ -9,16 +9,16 @@ import pytest
 from redis.asyncio import Redis
 
 from api.configs import Settings
-from api.redis_core.client import create_redis
+from api.redis_core.layer import RedisLayer, open_redis_layer
 from api.redis_core.rate_limiter import RateLimiter
 from tests.conftest import run_settings
 from tests.services import redis_stopped
 
 
-def _limiter(**overrides: str) -> tuple[RateLimiter, Redis]:
+def _limiter(**overrides: str) -> tuple[RateLimiter, RedisLayer]:
     settings: Settings = run_settings(**overrides)
-    redis = create_redis(settings)
-    return RateLimiter(redis, settings), redis
+    layer = open_redis_layer(settings)
+    return layer.limiter, layer
 
 
 async def test_quota_then_refusal_with_retry_after() -> None:
@@ -27,7 +27,7 @@ async def test_quota_then_refusal_with_retry_after() -> None:
     try:
         decisions = [await limiter.hit("default", identity) for _ in range(6)]
     finally:
-        await redis.aclose()
+        await redis.close()
     assert [d.allowed for d in decisions] == [True] * 5 + [False]
     assert [d.remaining for d in decisions[:5]] == [4, 3, 2, 1, 0]
     refused = decisions[5]
@@ -49,7 +49,7 @@ async def test_bucket_refills_over_time() -> None:
         await asyncio.sleep(0.6)  # 2 tokens per second: one is back after 0.5 s
         assert (await limiter.hit("default", identity)).allowed
     finally:
-        await redis.aclose()
+        await redis.close()
 
 
 async def test_looking_costs_no_token() -> None:
@@ -61,7 +61,7 @@ async def test_looking_costs_no_token() -> None:
             assert peek.remaining == 3
         assert (await limiter.hit("default", identity)).remaining == 2
     finally:
-        await redis.aclose()
+        await redis.close()
 
 
 async def test_limit_is_shared_between_processes() -> None:
@@ -73,8 +73,8 @@ async def test_limit_is_shared_between_processes() -> None:
             *(limiter.hit("default", identity) for limiter in [first, second] * 10)
         )
     finally:
-        await redis_a.aclose()
-        await redis_b.aclose()
+        await redis_a.close()
+        await redis_b.close()
     assert sum(d.allowed for d in results) == 10
     assert all(d.backend == "redis" for d in results)
 
@@ -89,7 +89,7 @@ async def test_bucket_key_expires_once_full_again(redis: Redis) -> None:
         assert 0 < ttl_ms <= 500  # one token of 4/2 s refills in 500 ms
         assert key.startswith(run_settings().REDIS_KEY_PREFIX)
     finally:
-        await client.aclose()
+        await client.close()
 
 
 async def test_script_is_reloaded_after_script_flush(redis: Redis) -> None:
@@ -102,7 +102,7 @@ async def test_script_is_reloaded_after_script_flush(redis: Redis) -> None:
         assert decision.backend == "redis"
         assert decision.remaining == 3
     finally:
-        await client.aclose()
+        await client.close()
 
 
 @pytest.mark.faults
@@ -118,4 +118,4 @@ async def test_redis_down_falls_back_to_memory_buckets_then_recovers() -> None:
         back = await limiter.hit("default", identity)
         assert back.backend == "redis"
     finally:
-        await client.aclose()
+        await client.close()

@@ -1,4 +1,9 @@
-"""Access tokens (PyJWT, one explicit algorithm, required claims) and the identity dependencies."""
+"""Tokens: access JWTs (PyJWT, one explicit algorithm, required claims), bearer parsing,
+refresh tokens and `Principal`.
+
+Pure: no request, no database. The dependencies that read a request and the user row
+live at the edge, in `api/dependencies/caller.py`.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +14,13 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Any
 
 import jwt
-from fastapi import Depends, Request
-from fastapi.security import OAuth2PasswordBearer
 
 from api.configs import Settings
-from api.database.connection import SessionDep
-from api.database.query import users as user_queries
-from api.errors import Forbidden, Unauthorized
+from api.errors import Unauthorized
 from api.helpers.enums import UserRole
-from api.state import get_state
 
 ISSUER = "orders-api"
 AUDIENCE = "orders-api"
@@ -28,20 +28,10 @@ ACCESS = "access"
 REQUIRED_CLAIMS = ["sub", "exp", "iat", "nbf", "jti", "iss", "aud", "typ"]
 REFRESH_TOKEN_BYTES = 32
 
-# auto_error=False: our own 401 problem (with WWW-Authenticate) instead of FastAPI's.
-oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/v1/auth/token", auto_error=False)
-# `oauth2_scheme` as an operation's OpenAPI `security`, for routes that read the token
-# with `bearer_token` instead of a dependency.
-BEARER_SECURITY: list[dict[str, list[str]]] = [{"OAuth2PasswordBearer": []}]
 
-
-def bearer_token(request: Request) -> str | None:
-    """The `Authorization: Bearer` token, as `oauth2_scheme` reads it.
-
-    The cached order reads call this instead of depending on the scheme: on a cache
-    hit, FastAPI's dependency solving would cost more than the rest of the request.
-    """
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+def parse_bearer(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` value, as FastAPI's OAuth2 scheme does."""
+    scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer":
         return None
     return token.strip()
@@ -135,36 +125,3 @@ def hash_refresh_token(token: str) -> bytes:
     """The SHA-256 digest under which a refresh token is stored and looked up."""
     # 256 random bits need no slow hash: a leaked table stays useless, lookups stay cheap.
     return hashlib.sha256(token.encode()).digest()
-
-
-def token_subject(request: Request, token: str | None) -> uuid.UUID:
-    """The user id a valid access token names (no database read), noted for the log line."""
-    if not token:
-        raise Unauthorized("Missing bearer token.")
-    user_id = decode_access_token(get_state(request)["settings"], token)
-    request.scope["state"]["user_id"] = str(user_id)
-    return user_id
-
-
-async def get_current_user(
-    request: Request,
-    session: SessionDep,
-    token: Annotated[str | None, Depends(oauth2_scheme)],
-) -> Principal:
-    """The caller of a valid access token whose user still exists."""
-    user_id = token_subject(request, token)
-    role = await user_queries.get_user_role(session, user_id=user_id)
-    if role is None:
-        raise Unauthorized("The access token is not valid.")
-    return Principal(id=user_id, role=UserRole(role))
-
-
-async def require_admin(user: Annotated[Principal, Depends(get_current_user)]) -> Principal:
-    """The caller, when the database says they are an admin."""
-    if not user.is_admin:
-        raise Forbidden("This operation needs the admin role.")
-    return user
-
-
-CurrentUser = Annotated[Principal, Depends(get_current_user)]
-AdminUser = Annotated[Principal, Depends(require_admin)]

@@ -1,16 +1,23 @@
 """Per-viewer response cache for order reads, invalidated by generation counters.
 
-An entry is `<scope>:<generation>\\n<etag>\\n<body>`: the generation counter of the
-scope it was filled under (`user` for an owner, `all` for an admin), read
-*before* the database query that produced the body. Every committed write bumps
-the owner's counter and the admin counter, so an entry filled from a read that
-raced the write carries the old generation and is never served: no stale read
-after a write through this service, without deleting keys one by one.
+An entry is `<dependency>\\n<etag>\\n<body>`, where the dependency names the
+generation counter the entry was filled under and its value, read *before* the
+database query that produced the body:
 
-The counters and the entry are read in the rate limiter's round trip
-(`RateLimiter.hit(read_keys=...)`), so a hit costs one Redis call in all. Fills
-and invalidations go through the process's Redis circuit, shared with the limiter:
-while it is open they are skipped at once (an owed invalidation keeps the cache
+- `v <gen>`: the viewer's own counter (`{user:<id>}:gen`, in the entry's slot). A
+  non-admin's reads depend only on writes to their own orders.
+- `k <gen> <key>`: another counter, for an admin's view: the order's counter
+  (`{order:<id>}:gen`) for one order, the admins' counter (`{admins}:gen`) for a list.
+
+Every committed write bumps the owner's, the order's and the admins' counters (one
+single-key script call each, so one slot each), so an entry filled from a read that
+raced the write carries the old value and is never served: no stale read after a
+write through this service, without deleting keys one by one.
+
+The viewer's counter and entry are read in the rate limiter's script (same slot), so
+an owner's hit costs one Redis call; an admin's hit reads its counter in a second
+call. Calls go through the process's circuit, shared with the limiter: while it is
+open fills and invalidations are skipped at once (an owed invalidation keeps the cache
 bypassed) instead of each waiting out a socket timeout.
 """
 
@@ -22,13 +29,12 @@ import uuid
 from dataclasses import dataclass
 from typing import cast
 
-from redis.asyncio import Redis
-
 from api.configs import Settings
 from api.metrics import cache_lookups
-from api.redis_core.circuit import REDIS_UNAVAILABLE, RedisCircuit
-from api.redis_core.lua_script import BUMP_GENERATIONS
-from api.redis_core.multiplexed import MultiplexedRedis
+from api.redis_core.circuit import REDIS_ERRORS, RedisCircuit
+from api.redis_core.keys import RedisKeys
+from api.redis_core.lua_script import BUMP_GENERATION
+from api.redis_core.pipelining import AutoPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -44,49 +50,57 @@ class CachedResponse:
 
 @dataclass(frozen=True, slots=True)
 class CacheKeys:
-    """One viewer's entry for one resource, and the two counters it may depend on."""
+    """One viewer's entry for one resource, the viewer's counter (both in the viewer's
+    slot) and the counter an admin's view of the resource depends on (another slot)."""
 
     entry: str
-    user_generation: str
-    all_generation: str
+    viewer_generation: str
+    shared_generation: str
 
     def as_list(self) -> list[str]:
-        # The order `read` expects its values in.
-        return [self.user_generation, self.all_generation, self.entry]
+        # What the limiter's script reads, in the order `read` expects.
+        return [self.viewer_generation, self.entry]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheRead:
+    """An entry as read: current (`cached`), stale, or waiting on another counter."""
+
+    cached: CachedResponse | None
+    viewer_generation: bytes | None
+    # (counter key, generation stored) of an admin's entry, to compare in a second call.
+    pending: tuple[str, bytes, CachedResponse] | None = None
 
 
 class ResponseCache:
-    """Reads arrive through the limiter's script; fills and invalidations come here."""
+    """Reads arrive through the limiter's script; the rest of the cache's calls come here."""
 
     def __init__(
         self,
-        redis: Redis,
+        calls: AutoPipeline,
         settings: Settings,
-        circuit: RedisCircuit | None = None,
-        *,
-        scripts: MultiplexedRedis | None = None,
+        circuit: RedisCircuit,
+        keys: RedisKeys | None = None,
     ) -> None:
-        self._redis = redis
-        self.circuit = circuit or RedisCircuit(redis)
-        self._prefix = settings.REDIS_KEY_PREFIX
+        self._calls = calls
+        self.circuit = circuit
+        self.layout = keys or RedisKeys(settings.REDIS_KEY_PREFIX)
         self.ttl = settings.REDIS_TTL_EXPIRE
-        # Run after every write: on the pipelined connection when there is one.
-        self._bump = (scripts or redis).register_script(BUMP_GENERATIONS)
-        self._pipelined = scripts
-        # Owners whose invalidation failed (Redis away); bumped before the next read.
-        self._pending: set[uuid.UUID] = set()
+        self._bump = calls.register_script(BUMP_GENERATION)
+        # Counters whose bump failed (Redis away); bumped before the next read.
+        self._pending: set[str] = set()
 
-    def _generation_key(self, owner_id: uuid.UUID | None) -> str:
-        if owner_id is None:
-            return f"{self._prefix}cache:gen:all"
-        return f"{self._prefix}cache:gen:user:{owner_id}"
-
-    def keys(self, viewer_id: uuid.UUID, resource: str) -> CacheKeys:
-        """Where `viewer_id`'s view of `resource` (e.g. `order:<id>`) lives."""
+    def keys(self, viewer_id: uuid.UUID, resource: str, *, order_id: uuid.UUID | None) -> CacheKeys:
+        """Where `viewer_id`'s view of `resource` lives; `order_id` for one order's read."""
+        shared = (
+            self.layout.order_generation(order_id)
+            if order_id is not None
+            else self.layout.admins_generation()
+        )
         return CacheKeys(
-            entry=f"{self._prefix}cache:{viewer_id}:{resource}",
-            user_generation=self._generation_key(viewer_id),
-            all_generation=self._generation_key(None),
+            entry=self.layout.entry(viewer_id, resource),
+            viewer_generation=self.layout.viewer_generation(viewer_id),
+            shared_generation=shared,
         )
 
     @property
@@ -95,77 +109,99 @@ class ResponseCache:
         return not self._pending
 
     async def fetch(self, keys: list[str]) -> list[bytes | None] | None:
-        """The values of `keys` (`CacheKeys.as_list()`) when the limiter does not read them;
-        None while Redis is away."""
+        """The values of `keys` (one slot) when the limiter does not read them; None on failure."""
         if not self.circuit.allow():
             return None
         try:
-            if self._pipelined is not None:
-                values = await self._pipelined.execute("MGET", *keys)
-            else:
-                values = await self._redis.mget(keys)
-        except REDIS_UNAVAILABLE:
-            self.circuit.failed()
+            values = await self._calls.execute("MGET", *keys)
+        except REDIS_ERRORS as exc:
+            self.circuit.report(exc, "cache read")
             return None
         return cast(list[bytes | None], values)
 
+    async def generation(self, key: str) -> bytes | bool | None:
+        """The counter at `key`; False when it cannot be read (then neither serve nor fill)."""
+        if not self.circuit.allow():
+            return False
+        try:
+            value = await self._calls.execute("GET", key)
+        except REDIS_ERRORS as exc:
+            self.circuit.report(exc, "cache read")
+            return False
+        return cast(bytes | None, value)
+
     @staticmethod
-    def read(
-        values: list[bytes | None],
-    ) -> tuple[CachedResponse | None, bytes | None, bytes | None]:
-        """(the entry if filled under its scope's current generation, user gen, all gen)."""
-        user_generation, all_generation, entry = values
-        cached = None
-        if entry is not None:
-            header, _, rest = entry.partition(b"\n")
-            scope, _, generation = header.partition(b":")
-            current = all_generation if scope == b"all" else user_generation
-            if generation == (current or b"0"):
-                etag, _, body = rest.partition(b"\n")
-                cached = CachedResponse(etag=etag.decode(), body=body)
-        cache_lookups("hit" if cached is not None else "miss").inc()
-        return cached, user_generation, all_generation
+    def read(values: list[bytes | None]) -> CacheRead:
+        """Judge the entry read with the viewer's counter (`CacheKeys.as_list()` order)."""
+        viewer_generation, entry = values
+        if entry is None:
+            return CacheRead(None, viewer_generation)
+        header, _, rest = entry.partition(b"\n")
+        etag, _, body = rest.partition(b"\n")
+        response = CachedResponse(etag=etag.decode(), body=body)
+        kind, _, dependency = header.partition(b" ")
+        if kind == b"v":
+            current = dependency == (viewer_generation or b"0")
+            return CacheRead(response if current else None, viewer_generation)
+        generation, _, key = dependency.partition(b" ")
+        return CacheRead(None, viewer_generation, pending=(key.decode(), generation, response))
+
+    @staticmethod
+    def count(hit: bool) -> None:
+        cache_lookups("hit" if hit else "miss").inc()
 
     async def store(
         self,
         keys: CacheKeys,
         *,
         admin: bool,
-        generation: bytes | None,
+        viewer_generation: bytes | None,
+        shared_generation: bytes | None,
         response: CachedResponse,
     ) -> None:
-        """Fill the entry under the generation read before the query; failures only log."""
-        scope = b"all" if admin else b"user"
-        entry = b"".join(
-            (scope, b":", generation or b"0", b"\n", response.etag.encode(), b"\n", response.body)
-        )
+        """Fill the entry under the counter of the viewer's scope read before the query."""
+        if admin:
+            header = b"k %s %s" % (shared_generation or b"0", keys.shared_generation.encode())
+        else:
+            header = b"v %s" % (viewer_generation or b"0")
+        entry = b"".join((header, b"\n", response.etag.encode(), b"\n", response.body))
         if not self.circuit.allow():
             return
         try:
-            await self._redis.set(keys.entry, entry, ex=self.ttl)
-        except REDIS_UNAVAILABLE as exc:
-            self.circuit.failed()
-            logger.warning("cache fill failed", extra={"error": type(exc).__name__})
+            await self._calls.execute("SET", keys.entry, entry, "EX", self.ttl)
+        except REDIS_ERRORS as exc:
+            self.circuit.report(exc, "cache fill")
 
-    async def invalidate(self, owner_id: uuid.UUID) -> bool:
-        """After a committed write to an order of `owner_id`: bump their and the admin counter."""
-        self._pending.add(owner_id)
+    async def invalidate(self, owner_id: uuid.UUID, order_id: uuid.UUID | None = None) -> bool:
+        """After a committed write to an order of `owner_id`: bump every counter it staled."""
+        self._pending.add(self.layout.viewer_generation(owner_id))
+        self._pending.add(self.layout.admins_generation())
+        if order_id is not None:
+            self._pending.add(self.layout.order_generation(order_id))
         return await self.flush_pending()
 
     async def flush_pending(self) -> bool:
-        """Bump every owed generation; False (serve nothing from the cache) while that fails."""
+        """Bump every owed counter; False (serve nothing from the cache) while that fails."""
         if not self._pending:
             return True
         if not self.circuit.allow():
             return False
-        owners = list(self._pending)
-        keys = [self._generation_key(owner) for owner in owners] + [self._generation_key(None)]
-        try:
-            await self._bump(keys=keys, args=[GENERATION_TTL_SECONDS, secrets.randbelow(2**40) + 1])
-        except REDIS_UNAVAILABLE as exc:
-            self.circuit.failed()
-            logger.warning("cache invalidation failed", extra={"error": type(exc).__name__})
-            return False
-        self.circuit.succeeded()
-        self._pending.difference_update(owners)
-        return True
+        owed = list(self._pending)
+        start = secrets.randbelow(2**40) + 1
+        # Queued in one pass: one pipeline, each call on its own key's slot.
+        calls = [
+            self._calls.evalsha(self._bump, [key], [GENERATION_TTL_SECONDS, start]) for key in owed
+        ]
+        bumped = True
+        for key, call in zip(owed, calls, strict=True):
+            try:
+                await call
+            except REDIS_ERRORS as exc:
+                bumped = False
+                if self.circuit.report(exc, "cache invalidation"):
+                    logger.warning("cache invalidation failed", extra={"error": type(exc).__name__})
+            else:
+                self._pending.discard(key)
+        if bumped:
+            self.circuit.succeeded()
+        return bumped

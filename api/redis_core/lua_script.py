@@ -1,8 +1,9 @@
 """The token-bucket script: one round trip decides a request and can read a cache entry.
 
 KEYS[1]  the bucket (a hash {tokens, ts}); one key per (policy, identity).
-KEYS[2…] optional: keys to read when the request is allowed (the response cache's
-         generation counters and entry), saving the cache its own round trip.
+KEYS[2…] optional: keys to read when the request is allowed (the viewer's cache
+         generation and entry), saving the cache its own round trip. They carry the
+         bucket's hash tag (`keys.py`), so the script touches one cluster slot.
 ARGV[1]  quota: the bucket's capacity.
 ARGV[2]  window in seconds: an empty bucket is full again after this long.
 ARGV[3]  cost: 1 to spend a token, 0 to only look (`GET /v1/rate-limits`).
@@ -62,18 +63,17 @@ end
 return {allowed, math.floor(tokens), reset, retry_after, values}
 """
 
-# Called after a committed write: the viewer generations the write makes stale.
-# KEYS: generation keys to bump. ARGV[1]: their lifetime in seconds. ARGV[2]: a
-# random start (from the caller: script PRNGs are seeded alike) for a missing
-# generation, so an entry cached under an expired counter never matches by accident.
-BUMP_GENERATIONS = """
-for _, key in ipairs(KEYS) do
-    if redis.call('EXISTS', key) == 1 then
-        redis.call('INCR', key)
-    else
-        redis.call('SET', key, ARGV[2])
-    end
-    redis.call('EXPIRE', key, tonumber(ARGV[1]))
+# Called after a committed write, once per generation the write makes stale (the
+# owner's, the order's, the admins'): one key, so one slot, per call.
+# KEYS[1]: the generation counter. ARGV[1]: its lifetime in seconds. ARGV[2]: a random
+# start (from the caller: script PRNGs are seeded alike) for a missing counter, so an
+# entry cached under an expired counter never matches by accident.
+BUMP_GENERATION = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+    redis.call('INCR', KEYS[1])
+else
+    redis.call('SET', KEYS[1], ARGV[2])
 end
-return #KEYS
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+return 1
 """

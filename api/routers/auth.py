@@ -13,10 +13,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.configs import Settings
 from api.database.connection import SessionDep
 from api.database.query import users as user_queries
+from api.dependencies.caller import CurrentUser
+from api.dependencies.limits import rate_limit
 from api.errors import Conflict, Unauthorized
-from api.helpers.auth import CurrentUser, create_access_token, hash_refresh_token, new_refresh_token
+from api.helpers.auth import create_access_token, hash_refresh_token, new_refresh_token
 from api.helpers.hashers import Verification, password_hashing
-from api.redis_core.rate_limiter import rate_limit
 from api.schemas.auth import (
     LoginRequest,
     RefreshRequest,

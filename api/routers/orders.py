@@ -11,22 +11,22 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.database.connection import SessionDep, after_commit, open_session, raw_connection
 from api.database.query import orders as order_queries
-from api.errors import PROBLEM_CONTENT_TYPE, Forbidden, NotFound, ValidationFailed
-from api.helpers.auth import (
+from api.dependencies import cached_read
+from api.dependencies.caller import (
     BEARER_SECURITY,
     AdminUser,
     CurrentUser,
-    Principal,
     bearer_token,
     get_current_user,
     token_subject,
 )
+from api.dependencies.limits import limited_creator, rate_limit
+from api.errors import PROBLEM_CONTENT_TYPE, Forbidden, NotFound, ValidationFailed
+from api.helpers.auth import Principal
 from api.helpers.enums import OrderStatus
 from api.helpers.etags import if_match_versions, none_match, order_etag
 from api.helpers.logger import request_id_var
 from api.helpers.pagination import InvalidCursor
-from api.redis_core import read_through
-from api.redis_core.rate_limiter import rate_limit, spend_token
 from api.schemas.orders import OrderCreate, OrderPage, OrderRead, OrderStatusUpdate
 from api.services import orders as order_service
 from api.services.idempotency import IDEMPOTENCY_KEY_PATTERN, CreateOutcome, create_order_once
@@ -120,23 +120,15 @@ async def _transition(
         owner_id=owner_id,
         expected_version=version,
     )
-    _invalidate_after_commit(request, session, transition.order.user_id)
+    _invalidate_after_commit(request, session, transition.order.user_id, order_id)
     return order_response(order_service.encode_order(transition.order))
 
 
-def _invalidate_after_commit(request: Request, session: AsyncSession, owner_id: uuid.UUID) -> None:
+def _invalidate_after_commit(
+    request: Request, session: AsyncSession, owner_id: uuid.UUID, order_id: uuid.UUID
+) -> None:
     """The owner's and admins' cached reads go stale once this write commits."""
-    after_commit(session, lambda: read_through.invalidate_after_write(request, owner_id))
-
-
-async def limited_creator(request: Request) -> uuid.UUID:
-    """Spend an ORDERS_CREATE token, then the caller the bearer token names.
-
-    One dependency for both (FastAPI's per-dependency work costs more than either
-    step); the statement that creates the order checks the user still exists.
-    """
-    await spend_token(request, "orders_create")
-    return token_subject(request, bearer_token(request))
+    after_commit(session, lambda: cached_read.invalidate_after_write(request, owner_id, order_id))
 
 
 @router.post(
@@ -176,7 +168,7 @@ async def create_order(
             )
     # Committed: the owner's and admins' cached reads are stale from now on.
     if not outcome.replayed:
-        await read_through.invalidate_after_write(request, user_id)
+        await cached_read.invalidate_after_write(request, user_id)
     headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}
     if outcome.order_id is not None:
         headers["Location"] = _location(outcome.order_id)
@@ -208,7 +200,7 @@ async def list_orders(
     """The caller's orders, newest first; admins see every order and may filter by user."""
     token = bearer_token(request)
     page_key = f"orders:{limit}:{cursor or ''}:{status or ''}:{user_id or ''}"
-    found = await read_through.lookup(request, token, page_key)
+    found = await cached_read.lookup(request, token, page_key)
     if found.cached is not None:
         return Response(found.cached.body, media_type=JSON, headers=found.headers())
 
@@ -230,10 +222,10 @@ async def list_orders(
                 "The request is not valid.",
                 errors=[{"loc": ["query", "cursor"], "msg": str(exc), "type": "value_error"}],
             ) from None
-        await read_through.fill(request, found, user, "", page)
+        await cached_read.fill(request, found, user, "", page)
         return page
 
-    body = await read_through.load_once(found, load)
+    body = await cached_read.load_once(found, load)
     return Response(body, media_type=JSON, headers=found.headers())
 
 
@@ -246,7 +238,7 @@ async def list_orders(
 async def get_order(order_id: uuid.UUID, request: Request) -> Response:
     """One order, with its `ETag`; `If-None-Match` with the current tag answers 304."""
     token = bearer_token(request)
-    found = await read_through.lookup(request, token, f"order:{order_id}")
+    found = await cached_read.lookup(request, token, f"order:{order_id}", order_id=order_id)
     if found.cached is not None:
         etag, body = found.cached.etag, found.cached.body
     else:
@@ -259,10 +251,10 @@ async def get_order(order_id: uuid.UUID, request: Request) -> Response:
                 )
             if order is None:
                 raise NotFound("No such order.")
-            await read_through.fill(request, found, viewer, order.etag, order.body)
+            await cached_read.fill(request, found, viewer, order.etag, order.body)
             return order.etag, order.body
 
-        etag, body = await read_through.load_once(found, load)
+        etag, body = await cached_read.load_once(found, load)
     headers = {"ETag": etag, **found.headers()}
     if_none_match = request.headers.get("if-none-match")
     if if_none_match is not None and none_match(if_none_match, etag):

@@ -7,7 +7,7 @@ import asyncio
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
-from api.redis_core.rate_limiter import IP_POLICIES, request_identity
+from api.dependencies.limits import IP_POLICIES, request_identity
 from api.state import get_state
 
 router = APIRouter(prefix="/v1", tags=["rate limits"])

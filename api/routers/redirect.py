@@ -10,6 +10,8 @@ import orjson
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import ValidationError
 
+from api.dependencies.caller import get_current_user, oauth2_scheme
+from api.dependencies.limits import rate_limit
 from api.errors import (
     BadGateway,
     NotFound,
@@ -17,11 +19,10 @@ from api.errors import (
     UpstreamTimeout,
     malformed_json,
 )
-from api.helpers.auth import Principal, get_current_user, oauth2_scheme
+from api.helpers.auth import Principal
 from api.helpers.orjson_coder import dumps, loads
 from api.rabbit_core.client import RabbitUnavailable
 from api.rabbit_core.rpc import RpcTimeout, RpcUnroutable
-from api.redis_core.rate_limiter import rate_limit
 from api.schemas.redirect import BASE64, RedirectReply, RedirectRequest
 from api.state import get_state
 

@@ -1,4 +1,4 @@
-"""Rate limit and cache lookup for cacheable reads, in one Redis round trip.
+"""The cached read: rate limit and cache lookup for cacheable routes, in one Redis call.
 
 A cacheable route calls `lookup()` first. On a hit it answers from the cached
 bytes without touching PostgreSQL; on a miss it authenticates and reads as
@@ -15,10 +15,10 @@ from typing import Any, Literal, TypeVar, cast
 
 from fastapi import Request
 
+from api.dependencies.limits import enforce, ip_identity, user_identity
 from api.errors import ProblemError, Unauthorized
 from api.helpers.auth import Principal, decode_access_token
 from api.redis_core.cache import CachedResponse, CacheKeys
-from api.redis_core.rate_limiter import client_ip, enforce
 from api.state import get_state
 
 CacheStatus = Literal["HIT", "MISS", "BYPASS"]
@@ -38,11 +38,14 @@ class CacheLookup:
     status: CacheStatus
     cached: CachedResponse | None = None
     keys: CacheKeys | None = None
-    user_generation: bytes | None = None
-    all_generation: bytes | None = None
+    viewer_generation: bytes | None = None
+    shared_generation: bytes | None = None
 
     def headers(self) -> dict[str, str]:
         return {"X-Cache": self.status, "Cache-Control": "private", "Vary": "Authorization"}
+
+
+_BYPASS = CacheLookup(status="BYPASS")
 
 
 def _wants_fresh(request: Request) -> bool:
@@ -50,8 +53,14 @@ def _wants_fresh(request: Request) -> bool:
     return "no-cache" in request.headers.get("cache-control", "").lower()
 
 
-async def lookup(request: Request, token: str | None, resource: str) -> CacheLookup:
-    """Spend a DEFAULT-policy token and, for a valid bearer token, read the viewer's entry."""
+async def lookup(
+    request: Request, token: str | None, resource: str, *, order_id: uuid.UUID | None = None
+) -> CacheLookup:
+    """Spend a DEFAULT-policy token and, for a valid bearer token, read the viewer's entry.
+
+    `order_id` for one order's read (an admin's entry of it depends on that order's
+    counter), None for a list (an admin's list depends on the admins' counter).
+    """
     state = get_state(request)
     viewer_id: uuid.UUID | None = None
     auth_error: ProblemError | None = None
@@ -62,11 +71,8 @@ async def lookup(request: Request, token: str | None, resource: str) -> CacheLoo
             auth_error = exc
     else:
         auth_error = Unauthorized("Missing bearer token.")
-    identity = (
-        f"user:{viewer_id}"
-        if viewer_id is not None
-        else f"ip:{client_ip(request, state['trusted_proxies'])}"
-    )
+    # The viewer's identity is the hash tag of their bucket and their cache keys alike.
+    identity = user_identity(viewer_id) if viewer_id is not None else ip_identity(request)
     request.scope["state"]["rate_limit_identity"] = identity
 
     cache = state["cache"]
@@ -74,7 +80,7 @@ async def lookup(request: Request, token: str | None, resource: str) -> CacheLoo
         await cache.flush_pending()
     keys = None
     if viewer_id is not None and not _wants_fresh(request) and cache.trustworthy:
-        keys = cache.keys(viewer_id, resource)
+        keys = cache.keys(viewer_id, resource, order_id=order_id)
     read_keys = keys.as_list() if keys is not None else []
 
     limiter = state["limiter"]
@@ -88,35 +94,50 @@ async def lookup(request: Request, token: str | None, resource: str) -> CacheLoo
     if auth_error is not None:
         raise auth_error
     if keys is None or values is None:
-        return CacheLookup(status="BYPASS")
-    cached, user_generation, all_generation = cache.read(values)
+        return _BYPASS
+    read = cache.read(values)
+    if read.cached is not None:
+        cache.count(hit=True)
+        return CacheLookup(status="HIT", cached=read.cached, keys=keys)
+    # An admin's entry, or a miss: the counter of the admin's view, in its own slot. On
+    # a miss it is read before the query, so a fill never outlives a write it raced.
+    key = read.pending[0] if read.pending is not None else keys.shared_generation
+    shared = await cache.generation(key)
+    if shared is False:
+        return _BYPASS
+    shared = cast(bytes | None, shared)
+    if read.pending is not None and read.pending[1] == (shared or b"0"):
+        cache.count(hit=True)
+        return CacheLookup(status="HIT", cached=read.pending[2], keys=keys)
+    cache.count(hit=False)
     return CacheLookup(
-        status="HIT" if cached is not None else "MISS",
-        cached=cached,
+        status="MISS",
         keys=keys,
-        user_generation=user_generation,
-        all_generation=all_generation,
+        viewer_generation=read.viewer_generation,
+        shared_generation=shared,
     )
 
 
 async def fill(
     request: Request, found: CacheLookup, viewer: Principal, etag: str, body: bytes
 ) -> None:
-    """Store what a miss read, under the generation of the viewer's scope read before it."""
+    """Store what a miss read, under the counters read before it."""
     if found.status != "MISS" or found.keys is None:
         return
-    generation = found.all_generation if viewer.is_admin else found.user_generation
     await get_state(request)["cache"].store(
         found.keys,
         admin=viewer.is_admin,
-        generation=generation,
+        viewer_generation=found.viewer_generation,
+        shared_generation=found.shared_generation,
         response=CachedResponse(etag=etag, body=body),
     )
 
 
-async def invalidate_after_write(request: Request, owner_id: uuid.UUID) -> None:
-    """Bump the generations a committed write to `owner_id`'s order made stale."""
-    await get_state(request)["cache"].invalidate(owner_id)
+async def invalidate_after_write(
+    request: Request, owner_id: uuid.UUID, order_id: uuid.UUID | None = None
+) -> None:
+    """Bump the counters a committed write to `owner_id`'s order made stale."""
+    await get_state(request)["cache"].invalidate(owner_id, order_id)
 
 
 async def load_once(found: CacheLookup, load: Callable[[], Awaitable[T]]) -> T:
@@ -127,7 +148,7 @@ async def load_once(found: CacheLookup, load: Callable[[], Awaitable[T]]) -> T:
     """
     if found.status != "MISS" or found.keys is None:
         return await load()
-    key = (found.keys.entry, found.user_generation, found.all_generation)
+    key = (found.keys.entry, found.viewer_generation, found.shared_generation)
     pending = _IN_FLIGHT.get(key)
     if pending is not None:
         return cast(T, await asyncio.shield(pending))
