@@ -217,6 +217,10 @@ async def test_one_trace_from_the_request_through_the_outbox_relay_and_consumer(
             sql = [s for s in spans if s.attributes.get("db.system") == "postgresql"]
             assert sql, [s.name for s in spans]
             assert all(s.parent_span_id for s in sql)
+            # The limiter's script, sent in the auto-pipeline's batch of that loop pass.
+            assert any(s.attributes.get("db.system") == "redis" for s in spans), [
+                (s.name, s.attributes) for s in spans
+            ]
 
             # The message and its envelope carry the request's trace.
             await observer.wait_for(lambda seen: len(seen.for_order(order_id)) == 1)
