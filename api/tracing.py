@@ -27,6 +27,19 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
 DEFAULT_SERVICE_NAME = "orders-api"
+# The standard variables a deployment sets for us (the SDK reads them itself).
+OTEL_VARIABLES = frozenset(
+    {
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        "OTEL_SERVICE_NAME",
+        "OTEL_RESOURCE_ATTRIBUTES",
+        "OTEL_TRACES_SAMPLER",
+        "OTEL_TRACES_SAMPLER_ARG",
+        "OTEL_SDK_DISABLED",
+    }
+)
 # Probes and scrapes would be most of the spans and tell nothing about an order.
 EXCLUDED_URLS = "/ping,/livez,/readyz,/metrics"
 

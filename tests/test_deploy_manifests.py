@@ -28,6 +28,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from api.tracing import OTEL_VARIABLES
 from api.configs import Settings
 from api.main import create_app
 from api.worker import create_worker_app
@@ -43,7 +44,8 @@ SECRET_EXAMPLE = KUBERNETES / "secret.example.yaml"
 IMAGE = "orders-api"
 
 # Variables the process reads that are not `Settings` fields.
-NON_SETTINGS_VARIABLES = frozenset({"PROMETHEUS_MULTIPROC_DIR"})
+# Read by the environment's own consumers: prometheus-client and the OpenTelemetry SDK.
+NON_SETTINGS_VARIABLES = frozenset({"PROMETHEUS_MULTIPROC_DIR"}) | OTEL_VARIABLES
 # The kustomization fields the Python rendering implements.
 RENDERED_FIELDS = frozenset({"apiVersion", "kind", "resources", "images", "replicas", "patches"})
 
@@ -473,7 +475,10 @@ def test_compose_builds_one_image_for_the_four_roles() -> None:
 
 def test_compose_publishes_only_the_api() -> None:
     services = _compose()["services"]
-    published = {name: s["ports"] for name, s in services.items() if "ports" in s}
+    # Services under a profile (the optional trace viewer) are opt-in.
+    published = {
+        name: s["ports"] for name, s in services.items() if "ports" in s and "profiles" not in s
+    }
     assert published == {"api": ["${API_PORT:-8000}:8000"]}
     optional = yaml.safe_load((ROOT / "docker-compose.ports.yml").read_text())["services"]
     assert set(optional) == {"postgres", "redis", "rabbitmq"}
