@@ -28,9 +28,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from api.tracing import OTEL_VARIABLES
 from api.configs import Settings
 from api.main import create_app
+from api.tracing import OTEL_VARIABLES
 from api.worker import create_worker_app
 
 # The oldest Kubernetes release the manifests promise to work on.
