@@ -132,7 +132,9 @@ async def insert_order(
         ).one()
         order = order_queries.order_from_row(row)
         await insert_outbox_event(
-            session, order_event(order, event_type=EventType.CREATED, request_id=request_id)
+            session,
+            order_event(order, event_type=EventType.CREATED, request_id=request_id),
+            order_id=order.id,
         )
     return order
 
@@ -227,6 +229,7 @@ async def insert_raw_outbox_event(
                 body=dumps({"id": str(event_id), "subject": "none"}),
                 correlation_id="req-raw",
             ),
+            order_id=None,
         )
     return event_id
 

@@ -54,12 +54,18 @@ _HEALTH: dict[str, Any] = {"content": {HEALTH_CONTENT_TYPE: {}}}
     response_class=Response,
     responses={
         200: {"description": "`pass`, or `warn` when Redis or RabbitMQ is down.", **_HEALTH},
-        503: {"description": "`fail`: PostgreSQL is down.", **_HEALTH},
+        503: {
+            "description": "`fail`: PostgreSQL is down, or RabbitMQ refused the queues.",
+            **_HEALTH,
+        },
     },
 )
 @router.get("/readyz", include_in_schema=False)
 async def ready(request: Request) -> Response:
-    """Readiness: PostgreSQL down is `fail` (503); Redis or RabbitMQ down is `warn` (200)."""
+    """Readiness: PostgreSQL down is `fail` (503); Redis or RabbitMQ down is `warn` (200).
+
+    RabbitMQ refusing the queues' arguments (a misconfiguration) is `fail` (503).
+    """
     state = get_state(request)
 
     async def postgres() -> None:
@@ -74,9 +80,16 @@ async def ready(request: Request) -> Response:
             raise ConnectionError("not connected")
 
     pg, rd, mq = await asyncio.gather(_probe(postgres), _probe(redis), _probe(rabbitmq))
+    rabbit = state["rabbit"]
+    if rabbit.node is not None:
+        mq["node"] = rabbit.node
     status: Status = "pass"
     if rd["status"] == "fail" or mq["status"] == "fail":
         status = "warn"
+    if rabbit.misconfiguration is not None:
+        # Not an outage: nothing will flow until an operator fixes it (SPEC §12).
+        mq["detail"] = f"topology refused: {rabbit.misconfiguration}"
+        status = "fail"
     if pg["status"] == "fail":
         status = "fail"
     body = {"status": status, "checks": {"postgres": pg, "redis": rd, "rabbitmq": mq}}

@@ -79,8 +79,8 @@ new_order AS (
     RETURNING id
 ),
 new_event AS (
-    INSERT INTO outbox (event_id, routing_key, body, correlation_id)
-    SELECT $8, $9, $10, $11 FROM new_order
+    INSERT INTO outbox (event_id, routing_key, body, correlation_id, order_id)
+    SELECT $8, $9, $10, $11, id FROM new_order
 )
 """
 

@@ -48,7 +48,9 @@ CLAIMED_COLUMNS = (
 )
 
 
-async def insert_outbox_event(session: AsyncSession, event: NewOutboxEvent) -> None:
+async def insert_outbox_event(
+    session: AsyncSession, event: NewOutboxEvent, *, order_id: uuid.UUID | None
+) -> None:
     """Write `event` in the caller's transaction; the insert trigger NOTIFYs relays on commit."""
     await session.execute(
         insert(OutboxEvent).values(
@@ -56,18 +58,68 @@ async def insert_outbox_event(session: AsyncSession, event: NewOutboxEvent) -> N
             routing_key=event.routing_key,
             body=event.body,
             correlation_id=event.correlation_id,
+            order_id=order_id,
         )
     )
 
 
+# Orders are spread over this many partitions (a power of two: the SQL masks the
+# hash); a claim holds a few of them at once.
+OUTBOX_PARTITIONS = 64
+MAX_PARTITIONS_PER_CLAIM = 16
+# The advisory-lock namespace of the partitions (the two-int form of the lock; the
+# idempotency keys use the one-bigint form, a separate key space).
+PARTITION_LOCK_NAMESPACE = 0x4F42  # "OB"
+
+# Claim the oldest unsent events of the partitions (of the order id) no other relay
+# transaction holds:
+# - `candidates`: the partitions of the oldest unsent rows, oldest first;
+# - `held`: the first of them whose transaction-scoped advisory lock this transaction
+#   gets without waiting (at most :max_partitions, so concurrent relays share the work);
+# - the rows of those partitions, oldest first, locked.
+# While a partition is held, no other relay can claim any of its rows, and it is held
+# until the claiming transaction has published and marked its rows: an order's event
+# is published only after that order's earlier events (ids grow with an order's
+# versions, its transitions being serialised by the order's row lock). A row another
+# transaction still locks is waited for, not skipped: skipping it would publish that
+# order's next event first. Transaction-scoped locks work behind PgBouncer.
+_CLAIM = text(
+    """
+WITH candidates AS MATERIALIZED (
+    SELECT partition, min(id) AS first_id
+    FROM (
+        SELECT id, hashtext(coalesce(order_id::text, '')) & :mask AS partition
+        FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT :scan
+    ) oldest
+    GROUP BY partition
+),
+held AS MATERIALIZED (
+    SELECT partition FROM (SELECT partition FROM candidates ORDER BY first_id) ordered
+    WHERE pg_try_advisory_xact_lock(:namespace, partition)
+    LIMIT :max_partitions
+)
+SELECT id, event_id, routing_key, body, correlation_id, created_at
+FROM outbox
+WHERE sent_at IS NULL
+  AND hashtext(coalesce(order_id::text, '')) & :mask IN (SELECT partition FROM held)
+ORDER BY id
+LIMIT :limit
+FOR UPDATE
+"""
+)
+
+
 async def claim_outbox_batch(session: AsyncSession, *, limit: int) -> list[ClaimedEvent]:
-    """Lock up to `limit` of the oldest unsent rows; rows another relay holds are skipped."""
+    """Lock up to `limit` of the oldest unsent rows of partitions no other relay holds."""
     result = await session.execute(
-        select(*CLAIMED_COLUMNS)
-        .where(OutboxEvent.sent_at.is_(None))
-        .order_by(OutboxEvent.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
+        _CLAIM,
+        {
+            "scan": limit * 2,
+            "mask": OUTBOX_PARTITIONS - 1,
+            "namespace": PARTITION_LOCK_NAMESPACE,
+            "max_partitions": MAX_PARTITIONS_PER_CLAIM,
+            "limit": limit,
+        },
     )
     return [ClaimedEvent(*row) for row in result]
 
