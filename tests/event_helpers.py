@@ -303,6 +303,9 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         "RMQ_QUEUE": settings.RMQ_QUEUE,
         "RMQ_STATUS_QUEUE": settings.RMQ_STATUS_QUEUE,
         "RMQ_RPC_EXCHANGE": settings.RMQ_RPC_EXCHANGE,
+        "RMQ_HOSTS": ",".join(settings.RMQ_HOSTS),
+        "RMQ_QUEUE_TYPE": settings.RMQ_QUEUE_TYPE,
+        "RMQ_DELIVERY_LIMIT": str(settings.RMQ_DELIVERY_LIMIT),
         "LOGLEVEL": "WARNING",
         **extra,
     }

@@ -193,7 +193,8 @@ class Cluster:
         node.wait_started()
 
     def connection_count(self) -> int:
-        return sum(node.connection_count() for node in self.nodes if node.running)
+        """Client connections on the whole cluster (listed by any running node)."""
+        return self.running_nodes()[0].connection_count()
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -94,11 +94,19 @@ class Applied:
     order: OrderRead | None  # None for a no-op
 
 
+# SQLSTATEs that say "try again later": serialization failure, deadlock, a lock not
+# available, a statement cancelled by its timeout (a row lock held too long).
+TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014"})
+
+
 def _is_transient(exc: BaseException) -> bool:
     """A failure worth retrying: the database or the network, not the message."""
     if isinstance(exc, sa_exc.DBAPIError):
-        return exc.connection_invalidated or isinstance(
-            exc, sa_exc.OperationalError | sa_exc.InterfaceError
+        sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        return (
+            exc.connection_invalidated
+            or isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError)
+            or sqlstate in TRANSIENT_SQLSTATES
         )
     return isinstance(exc, sa_exc.TimeoutError | TimeoutError | OSError)
 

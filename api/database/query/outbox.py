@@ -73,35 +73,35 @@ PARTITION_LOCK_NAMESPACE = 0x4F42  # "OB"
 
 # Claim the oldest unsent events of the partitions (of the order id) no other relay
 # transaction holds:
-# - `candidates`: the partitions of the oldest unsent rows, oldest first;
-# - `held`: the first of them whose transaction-scoped advisory lock this transaction
-#   gets without waiting (at most :max_partitions, so concurrent relays share the work);
-# - the rows of those partitions, oldest first, locked.
-# While a partition is held, no other relay can claim any of its rows, and it is held
-# until the claiming transaction has published and marked its rows: an order's event
-# is published only after that order's earlier events (ids grow with an order's
-# versions, its transitions being serialised by the order's row lock). A row another
-# transaction still locks is waited for, not skipped: skipping it would publish that
-# order's next event first. Transaction-scoped locks work behind PgBouncer.
+# - `oldest`: the oldest :scan unsent rows and their partitions;
+# - `held`: the partitions among them, oldest first, whose transaction-scoped advisory
+#   lock this transaction gets without waiting (at most :max_partitions, so concurrent
+#   relays share the work);
+# - those rows of `oldest` that are in a held partition, locked, oldest first.
+# `oldest` is a prefix of the unsent rows, so what is claimed of a partition is a prefix
+# of its unsent rows too, and nobody else can claim any of that partition's rows until
+# this transaction has published and marked them: an order's event is published only
+# after that order's earlier events (ids grow with an order's versions, its changes
+# being serialised by the order's row lock). A row another transaction still locks is
+# waited for, not skipped: skipping it would publish that order's next event first.
+# Transaction-scoped advisory locks work behind PgBouncer in transaction mode.
 _CLAIM = text(
     """
-WITH candidates AS MATERIALIZED (
-    SELECT partition, min(id) AS first_id
-    FROM (
-        SELECT id, hashtext(coalesce(order_id::text, '')) & :mask AS partition
-        FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT :scan
-    ) oldest
-    GROUP BY partition
+WITH oldest AS MATERIALIZED (
+    SELECT id, hashtext(coalesce(order_id::text, '')) & :mask AS partition
+    FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT :scan
 ),
 held AS MATERIALIZED (
-    SELECT partition FROM (SELECT partition FROM candidates ORDER BY first_id) ordered
+    SELECT partition
+    FROM (SELECT partition, min(id) AS first_id FROM oldest GROUP BY partition) candidates
     WHERE pg_try_advisory_xact_lock(:namespace, partition)
+    ORDER BY first_id
     LIMIT :max_partitions
 )
 SELECT id, event_id, routing_key, body, correlation_id, created_at
 FROM outbox
-WHERE sent_at IS NULL
-  AND hashtext(coalesce(order_id::text, '')) & :mask IN (SELECT partition FROM held)
+WHERE id IN (SELECT id FROM oldest WHERE partition IN (SELECT partition FROM held))
+  AND sent_at IS NULL
 ORDER BY id
 LIMIT :limit
 FOR UPDATE
@@ -114,7 +114,8 @@ async def claim_outbox_batch(session: AsyncSession, *, limit: int) -> list[Claim
     result = await session.execute(
         _CLAIM,
         {
-            "scan": limit * 2,
+            # Enough rows that the partitions one claim may hold fill a batch.
+            "scan": limit * OUTBOX_PARTITIONS // MAX_PARTITIONS_PER_CLAIM,
             "mask": OUTBOX_PARTITIONS - 1,
             "namespace": PARTITION_LOCK_NAMESPACE,
             "max_partitions": MAX_PARTITIONS_PER_CLAIM,
