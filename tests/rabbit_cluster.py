@@ -17,6 +17,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,8 +178,9 @@ class Cluster:
             self.nodes.append(node)
         for node in self.nodes:
             node.launch()
-        for node in self.nodes:
-            node.wait_started()
+        # Each wait is a few CLI calls that boot an Erlang VM: the three run side by side.
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            list(pool.map(Node.wait_started, self.nodes))
         first = self.nodes[0]
         for node in self.nodes[1:]:
             node.ctl("stop_app")

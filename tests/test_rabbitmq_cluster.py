@@ -301,12 +301,14 @@ async def test_quorum_queue_keeps_every_event_through_its_leader_dying_and_a_los
             ]
             await asyncio.sleep(3)
             unsent_without_majority = await unsent_count(sessionmaker)
+            restarting = time.monotonic()
+            # The events flow as soon as the node has rejoined (before the restart returns).
             await asyncio.to_thread(cluster.restart, stopped[0])
             deadline = time.monotonic() + 60
             while await unsent_count(sessionmaker):
                 assert time.monotonic() < deadline, "events did not flow once a majority was back"
                 await asyncio.sleep(0.2)
-            flowed_after = 60 - (deadline - time.monotonic())
+            flowed_after = time.monotonic() - restarting
         order_ids = {answer.json()["id"] for answer in answers}
         bodies = await _queue_bodies(on_node(scratch, last), scratch.RMQ_QUEUE, order_ids, 30)
 
@@ -317,7 +319,8 @@ async def test_quorum_queue_keeps_every_event_through_its_leader_dying_and_a_los
     assert order_ids <= bodies
     report(
         f"quorum leader {leader.name} killed under publishing: 0 of {len(expected)} lost; "
-        f"2 of 3 nodes down: 20 orders 201, published {flowed_after:.1f}s after a majority returned"
+        f"2 of 3 nodes down: 20 orders 201, all published {flowed_after:.1f}s after a node "
+        "was started again (its start and rejoin included)"
     )
 
 
@@ -354,12 +357,16 @@ async def test_three_replicas_apply_each_orders_status_updates_in_order_and_emit
         user = await make_user(sessionmaker, scratch)
         async with (
             observe_events(on_node(scratch, third)) as observer,
-            running_service(scratch, tmp_path, port=_port()) as one,
-            running_service(scratch, tmp_path, port=_port()) as two,
-            running_service(scratch, tmp_path, port=_port()) as three,
             contextlib.AsyncExitStack() as stack,
         ):
-            clients = [await stack.enter_async_context(s.client()) for s in (one, two, three)]
+            # The three replicas start together (each is stopped by the stack).
+            replicas = await asyncio.gather(
+                *(
+                    stack.enter_async_context(running_service(scratch, tmp_path, port=_port()))
+                    for _ in range(3)
+                )
+            )
+            clients = [await stack.enter_async_context(s.client()) for s in replicas]
             semaphore = asyncio.Semaphore(16)
 
             async def create(index: int) -> str:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 import uuid
 from datetime import UTC, datetime
 
+import pytest
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -17,8 +19,11 @@ from api.database.connection import create_engine, create_sessionmaker
 from api.events import EventType, order_event
 from api.helpers.enums import OrderStatus
 from api.models import OutboxEvent
+from api.rabbit_core.client import RabbitClient
+from api.relay import OutboxRelay
 from api.schemas.orders import OrderRead
 from tests.event_helpers import (
+    insert_backlog,
     observe_events,
     running_relay,
     scratch_events_environment,
@@ -118,3 +123,30 @@ async def test_two_relays_draining_a_backlog_publish_every_order_in_version_orde
     # Both relays did a share of the work (or the test would show nothing about two).
     assert all(count > 0 for count in published), published
     assert sum(published) == ORDERS * EVENTS_PER_ORDER
+
+
+async def test_a_relay_started_with_its_client_waits_for_the_connection_instead_of_warning(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A healthy start (relay and client started together, as every process does) logs no
+    'cannot publish' warning: the relay waits for the first connection."""
+    async with scratch_events_environment(settings) as scratch:
+        engine = create_engine(scratch)
+        sessionmaker = create_sessionmaker(engine)
+        rabbit = RabbitClient(scratch)
+        relay = OutboxRelay(scratch, sessionmaker, rabbit)
+        try:
+            with caplog.at_level(logging.WARNING):
+                await insert_backlog(sessionmaker, 5)
+                await rabbit.start()
+                await relay.start()
+                deadline = time.monotonic() + 20
+                while await unsent_count(sessionmaker):
+                    assert time.monotonic() < deadline, "the backlog was not published"
+                    await asyncio.sleep(0.05)
+                await relay.stop()
+        finally:
+            await rabbit.close()
+            await engine.dispose()
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("api.")]
+    assert warnings == []
