@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from enum import Enum, auto
 
 import aio_pika
@@ -31,6 +32,9 @@ from api.rabbit_core.topology import TopologyMismatch, TopologyNames, declare_to
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
+
+# What is declared on every node the client connects to (the whole topology by default).
+Declare = Callable[[AbstractChannel, TopologyNames], Awaitable[object]]
 # Bounds closing a connection whose node may have vanished.
 CLOSE_TIMEOUT = 2.0
 
@@ -52,8 +56,15 @@ class RabbitMisconfigured(RabbitUnavailable):
 class RabbitClient:
     """Owns the connection to one node at a time; hands it out while it is up."""
 
-    def __init__(self, settings: Settings, *, name: str = "orders-api") -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        name: str = "orders-api",
+        declare: Declare = declare_topology,
+    ) -> None:
         self._settings = settings
+        self._declare = declare
         self._nodes = settings.rabbitmq_nodes
         self._next_node = 0
         self._name = name
@@ -120,7 +131,7 @@ class RabbitClient:
         connection, node = await self._connect_any()
         try:
             channel = await connection.channel()
-            await declare_topology(channel, self.names)
+            await self._declare(channel, self.names)
             await channel.close()
         except BaseException:
             await _close_quietly(connection)
