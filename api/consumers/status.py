@@ -5,7 +5,11 @@ also records its `message_id`, and acked only after that commit. A redelivered
 `message_id`, or a status the order already has, is acked as a no-op. A message
 that can never apply is published to `<exchange>.dlx` (landing in
 `<status queue>.dlq`) with the reason in header `x-error`, then acked; a
-transient database failure is requeued after a short pause.
+transient database failure is requeued after a short pause (and a message that
+fails every time is dead-lettered by the quorum queue after RMQ_DELIVERY_LIMIT
+deliveries). The queue has a single active consumer in the whole fleet, so one
+order's messages are applied in the order they were published; after a failover
+the consumer attaches again on the client's new connection.
 """
 
 from __future__ import annotations
@@ -257,8 +261,10 @@ class StatusConsumer:
         """Stop taking messages, let in-flight ones finish (bounded), then close the channel."""
         self._stopping.set()
         if self._attach_task is not None and not self._attach_task.done():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._attach_task), CLOSE_TIMEOUT)
+            if self._channel is not None:
+                # Attached: the session sees the stop and returns at once.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._attach_task), CLOSE_TIMEOUT)
             if not self._attach_task.done():
                 self._attach_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

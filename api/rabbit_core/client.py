@@ -133,8 +133,12 @@ class RabbitClient:
             channel = await connection.channel()
             await self._declare(channel, self.names)
             await channel.close()
-        except BaseException:
+        except BaseException as exc:
             await _close_quietly(connection)
+            if not isinstance(exc, TopologyMismatch):
+                # This node could not take the declaration (in a minority, shutting
+                # down): the next attempt starts at another node.
+                self._next_node = (self._next_node + 1) % len(self._nodes)
             raise
         self._connection, self.node = connection, node
         self._connected.set()
