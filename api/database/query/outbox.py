@@ -86,7 +86,7 @@ PARTITION_LOCK_NAMESPACE = 0x4F42  # "OB"
 # waited for, not skipped: skipping it would publish that order's next event first.
 # Transaction-scoped advisory locks work behind PgBouncer in transaction mode.
 _CLAIM = text(
-    """
+    f"""
 WITH oldest AS MATERIALIZED (
     SELECT id, hashtext(coalesce(order_id::text, '')) & :mask AS partition
     FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT :scan
@@ -98,14 +98,14 @@ held AS MATERIALIZED (
     ORDER BY first_id
     LIMIT :max_partitions
 )
-SELECT id, event_id, routing_key, body, correlation_id, created_at
+SELECT {", ".join(column.name for column in CLAIMED_COLUMNS)}
 FROM outbox
 WHERE id IN (SELECT id FROM oldest WHERE partition IN (SELECT partition FROM held))
   AND sent_at IS NULL
 ORDER BY id
 LIMIT :limit
 FOR UPDATE
-"""
+"""  # noqa: S608 -- the column names come from the model, nothing from input
 )
 
 
