@@ -15,9 +15,9 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from api.configs import Settings
+from api.consumers.status import MAX_BODY_BYTES, DeadLetterReason
 from api.events import CONTENT_TYPE, EventType, OrderEvent, StatusUpdateMessage
 from api.helpers.orjson_coder import dumps
-from api.rabbit_core.status_consumer import MAX_BODY_BYTES, DeadLetterReason
 from api.rabbit_core.topology import TopologyNames
 
 ASYNCAPI_VERSION = "3.0.0"

@@ -68,11 +68,28 @@ def _split_csv(value: object) -> object:
 CsvList = Annotated[list[str], NoDecode]
 
 
-def _host_port(node: str) -> tuple[str, int]:
-    host, sep, port = node.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"expected 'host:port', got {node!r}")
-    return host.strip("[]"), int(port)
+def _host_port(entry: str, default_port: int | None = None) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` (`host`, `[v6]` too when there is a default port); a bad
+    entry raises ValueError naming it."""
+    entry = entry.strip()
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        port_text = rest.removeprefix(":") if rest else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"bad host {entry!r}")
+    elif entry.count(":") == 1:
+        host, port_text = entry.split(":")
+    else:
+        host, port_text = entry, ""
+    if not host:
+        raise ValueError(f"bad host {entry!r}")
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"expected 'host:port', got {entry!r}")
+        return host, default_port
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"bad port in {entry!r}")
+    return host, int(port_text)
 
 
 class Settings(BaseSettings):
@@ -127,6 +144,12 @@ class Settings(BaseSettings):
     RMQ_QUEUE: str = Field(default="orders.events", min_length=1, max_length=255)
     RMQ_STATUS_QUEUE: str = Field(default="orders.status-updates", min_length=1, max_length=255)
     RMQ_RPC_EXCHANGE: str = Field(default="orders.rpc", min_length=1, max_length=255)
+    # The cluster's nodes, `host[:port]` comma-separated; overrides RMQ_HOST/RMQ_PORT.
+    RMQ_HOSTS: CsvList = Field(default_factory=list)
+    # The events, status and dead-letter queues' type; a quorum queue survives its node.
+    RMQ_QUEUE_TYPE: Literal["quorum", "classic"] = "quorum"
+    # Deliveries of one message before a quorum queue dead-letters it (a poison message).
+    RMQ_DELIVERY_LIMIT: int = Field(default=5, ge=1, le=1000)
 
     REDIS_HOST: str = "127.0.0.1"
     REDIS_PORT: int = Field(default=6379, ge=1, le=65535)
@@ -181,7 +204,12 @@ class Settings(BaseSettings):
     IDEMPOTENCY_TTL_HOURS: int = Field(default=24, ge=1, le=24 * 30)
 
     @field_validator(
-        "ENV_ALLOWED_ORIGINS", "TRUSTED_PROXIES", "REDIRECT_SERVICES", "REDIS_NODES", mode="before"
+        "ENV_ALLOWED_ORIGINS",
+        "TRUSTED_PROXIES",
+        "REDIRECT_SERVICES",
+        "REDIS_NODES",
+        "RMQ_HOSTS",
+        mode="before",
     )
     @classmethod
     def _csv(cls, value: object) -> object:
@@ -192,6 +220,13 @@ class Settings(BaseSettings):
     def _networks(cls, value: list[str]) -> list[str]:
         for entry in value:
             ip_network(entry, strict=False)
+        return value
+
+    @field_validator("RMQ_HOSTS")
+    @classmethod
+    def _rmq_hosts(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            _host_port(entry, 5672)
         return value
 
     @field_validator("RATE_LIMIT_DEFAULT", "RATE_LIMIT_AUTH", "RATE_LIMIT_ORDERS_CREATE")
@@ -277,12 +312,25 @@ class Settings(BaseSettings):
         )
 
     @property
-    def rabbitmq_url(self) -> str:
+    def rabbitmq_nodes(self) -> list[tuple[str, int]]:
+        """`(host, port)` of every node to try: `RMQ_HOSTS`, else `RMQ_HOST:RMQ_PORT`."""
+        if self.RMQ_HOSTS:
+            return [_host_port(entry, self.RMQ_PORT) for entry in self.RMQ_HOSTS]
+        return [(self.RMQ_HOST, self.RMQ_PORT)]
+
+    def rabbitmq_node_url(self, host: str, port: int) -> str:
+        """The AMQP URL of one node, with the credentials, vhost and `RMQ_PARAMS`."""
         user = quote(self.RMQ_USER, safe="")
         password = quote(self.RMQ_PASSWORD.get_secret_value(), safe="")
         vhost = quote(self.RMQ_VHOST, safe="")
-        url = f"amqp://{user}:{password}@{self.RMQ_HOST}:{self.RMQ_PORT}/{vhost}"
+        netloc = f"[{host}]" if ":" in host else host
+        url = f"amqp://{user}:{password}@{netloc}:{port}/{vhost}"
         return f"{url}?{self.RMQ_PARAMS.lstrip('?')}" if self.RMQ_PARAMS else url
+
+    @property
+    def rabbitmq_url(self) -> str:
+        """The URL of the first node (tools and tests that need one connection)."""
+        return self.rabbitmq_node_url(*self.rabbitmq_nodes[0])
 
 
 def describe_error(exc: ValidationError) -> str:

@@ -7,8 +7,8 @@ import asyncio
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.configs import Settings
+from api.consumers.status import OnApplied, StatusConsumer
 from api.rabbit_core.client import RabbitClient
-from api.rabbit_core.status_consumer import OnApplied, StatusConsumer
 from api.relay.outbox_relay import OutboxRelay
 
 

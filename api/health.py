@@ -43,8 +43,14 @@ async def probe(check: Callable[[], Awaitable[Any]]) -> Check:
     return outcome
 
 
-async def check_dependencies(state: AppState) -> dict[str, Check]:
-    """One probe per dependency, run together; also sets the `dependency_ready` gauges."""
+async def check_dependencies(state: AppState) -> tuple[Status, dict[str, Check]]:
+    """The overall status and one probe per dependency, run together; also sets the
+    `dependency_ready` gauges.
+
+    PostgreSQL down fails the process; Redis or RabbitMQ down only degrades it. RabbitMQ
+    refusing the queues' arguments is a misconfiguration, not an outage: nothing will
+    flow until an operator fixes it, so it fails the process too (SPEC §12).
+    """
 
     async def postgres() -> None:
         async with state["engine"].connect() as conn:
@@ -66,19 +72,21 @@ async def check_dependencies(state: AppState) -> dict[str, Check]:
         # outage (WRONGTYPE, CROSSSLOT, NOPERM...): served without Redis meanwhile.
         rd["status"] = "warn"
         rd["detail"] = fault
+    rabbit = state["rabbit"]
+    if rabbit.node is not None:
+        mq["node"] = rabbit.node
+    if rabbit.misconfiguration is not None:
+        mq["status"] = "fail"
+        mq["detail"] = f"topology refused: {rabbit.misconfiguration}"
     checks = {"postgres": pg, "redis": rd, "rabbitmq": mq}
     for name, check in checks.items():
         DEPENDENCY_READY.labels(name).set(1 if check["status"] == "pass" else 0)
-    return checks
-
-
-def overall_status(checks: dict[str, Check]) -> Status:
-    """PostgreSQL down fails the process; Redis or RabbitMQ down only degrades it."""
-    if checks["postgres"]["status"] == "fail":
-        return "fail"
+    status: Status = "pass"
     if any(check["status"] != "pass" for check in checks.values()):
-        return "warn"
-    return "pass"
+        status = "warn"
+    if pg["status"] == "fail" or rabbit.misconfiguration is not None:
+        status = "fail"
+    return status, checks
 
 
 async def _refresh_outbox(engine: AsyncEngine) -> None:

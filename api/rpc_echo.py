@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 from typing import Any
@@ -20,8 +21,11 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from api.configs import Settings, load_settings
+from api.helpers.backoff import reconnect_forever
 from api.helpers.logger import configure_logging
 from api.helpers.orjson_coder import dumps, loads
+from api.rabbit_core.client import CLOSE_TIMEOUT, RabbitClient, until_closed
+from api.rabbit_core.topology import TopologyNames
 
 logger = logging.getLogger("api.rpc_echo")
 
@@ -52,6 +56,10 @@ async def answer(channel: AbstractChannel, service: str, message: AbstractIncomi
         await channel.default_exchange.publish(reply, routing_key=message.reply_to)
 
 
+async def declare_rpc_exchange(channel: AbstractChannel, names: TopologyNames) -> None:
+    await channel.declare_exchange(names.rpc_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+
+
 async def serve(
     settings: Settings,
     service: str,
@@ -59,30 +67,42 @@ async def serve(
     stop: asyncio.Event,
     ready: asyncio.Event | None = None,
 ) -> None:
-    """Answer requests for `service` until `stop` is set."""
-    connection = await aio_pika.connect_robust(
-        settings.rabbitmq_url, client_properties={"connection_name": f"rpc-echo:{service}"}
-    )
-    async with connection:
+    """Answer requests for `service` until `stop` is set, on any node of `RMQ_HOSTS`."""
+    # The API's client: it fails over between the nodes, declaring the RPC exchange as
+    # the API does (so either may start first) and nothing of the events side.
+    rabbit = RabbitClient(settings, name=f"rpc-echo:{service}", declare=declare_rpc_exchange)
+    await rabbit.start()
+
+    async def consume() -> None:
+        connection = await rabbit.wait_connected()
         channel = await connection.channel()
-        await channel.set_qos(prefetch_count=PREFETCH)
-        # The same declaration as the API's topology, so either may start first.
-        exchange = await channel.declare_exchange(
-            settings.RMQ_RPC_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
-        )
-        queue = await channel.declare_queue(
-            f"{settings.RMQ_RPC_EXCHANGE}.{service}", auto_delete=True
-        )
-        await queue.bind(exchange, routing_key=service)
+        try:
+            await channel.set_qos(prefetch_count=PREFETCH)
+            exchange = await channel.get_exchange(settings.RMQ_RPC_EXCHANGE, ensure=False)
+            queue = await channel.declare_queue(
+                f"{settings.RMQ_RPC_EXCHANGE}.{service}", auto_delete=True
+            )
+            await queue.bind(exchange, routing_key=service)
 
-        async def on_request(message: AbstractIncomingMessage) -> None:
-            await answer(channel, service, message)
+            async def on_request(message: AbstractIncomingMessage) -> None:
+                await answer(channel, service, message)
 
-        await queue.consume(on_request)
+            await queue.consume(on_request)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(channel.close(), CLOSE_TIMEOUT)
+            raise
         logger.info("rpc echo ready", extra={"service": service, "queue": queue.name})
         if ready is not None:
             ready.set()
-        await stop.wait()
+        await until_closed(stop, channel, connection)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(channel.close(), CLOSE_TIMEOUT)
+
+    try:
+        await reconnect_forever(consume, name="rpc echo", logger=logger, stop=stop)
+    finally:
+        await rabbit.close()
     logger.info("rpc echo stopped", extra={"service": service})
 
 

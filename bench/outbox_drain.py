@@ -129,15 +129,15 @@ async def insert_backlog(sessionmaker: async_sessionmaker[AsyncSession], count: 
     for start in range(0, count, 2000):
         rows = []
         for index in range(start, min(start + 2000, count)):
-            event = order_event(
-                _sample_order(index, now), event_type=EventType.CREATED, request_id=f"bench-{index}"
-            )
+            order = _sample_order(index, now)
+            event = order_event(order, event_type=EventType.CREATED, request_id=f"bench-{index}")
             rows.append(
                 {
                     "event_id": event.event_id,
                     "routing_key": event.routing_key,
                     "body": event.body,
                     "correlation_id": event.correlation_id,
+                    "order_id": order.id,
                 }
             )
         async with sessionmaker() as session, session.begin():

@@ -103,7 +103,20 @@ case "$REDIS_MODE_" in
   sentinel | cluster) check_redis_nodes ;;
   *) echo "services: REDIS_MODE must be standalone, sentinel or cluster" >&2; exit 1 ;;
 esac
-ensure RabbitMQ "$RMQ_HOST_" "$RMQ_PORT_" start_rabbitmq 60
+if [[ -n "${RMQ_HOSTS:-}" ]]; then
+  # A cluster: one answering node is enough to start (the service fails over between
+  # them); a cluster is never started from here.
+  rmq_up=""
+  IFS=',' read -ra rmq_nodes <<< "$RMQ_HOSTS"
+  for node in "${rmq_nodes[@]}"; do
+    node=${node// /}; host=${node%:*}; port=${node##*:}
+    [[ "$node" == *:* ]] || port=$RMQ_PORT_
+    answers "$host" "$port" && { rmq_up=1; break; }
+  done
+  [[ -n "$rmq_up" ]] || fail RabbitMQ "no node of RMQ_HOSTS=$RMQ_HOSTS"
+else
+  ensure RabbitMQ "$RMQ_HOST_" "$RMQ_PORT_" start_rabbitmq 60
+fi
 
 if [[ "${1:-}" != "--no-db" ]]; then
   uv run --frozen python -m api.cli create-database

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -26,6 +26,7 @@ from api.database.connection import create_engine, create_sessionmaker
 from api.main import create_app
 from api.rabbit_core.topology import TopologyNames
 from tests.factories import TestUser, make_user
+from tests.rabbit_cluster import Cluster, start_cluster
 from tests.redis_servers import redis_cluster, redis_sentinel, redis_tls
 
 # Private Redis deployments (cluster, Sentinel, TLS), started on first use.
@@ -134,6 +135,17 @@ async def rabbit_cleanup(settings: Settings) -> AsyncIterator[None]:
             await channel.queue_delete(queue)
         for exchange in names.exchanges:
             await channel.exchange_delete(exchange)
+
+
+@pytest.fixture(scope="session")
+def rabbit_cluster() -> Iterator[Cluster]:
+    """A private three-node RabbitMQ cluster (ports 5701-5703), started only for the tests
+    that ask for it, once per session; every node is stopped at the end, also on failure."""
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")

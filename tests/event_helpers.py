@@ -132,7 +132,9 @@ async def insert_order(
         ).one()
         order = order_queries.order_from_row(row)
         await insert_outbox_event(
-            session, order_event(order, event_type=EventType.CREATED, request_id=request_id)
+            session,
+            order_event(order, event_type=EventType.CREATED, request_id=request_id),
+            order_id=order.id,
         )
     return order
 
@@ -227,6 +229,7 @@ async def insert_raw_outbox_event(
                 body=dumps({"id": str(event_id), "subject": "none"}),
                 correlation_id="req-raw",
             ),
+            order_id=None,
         )
     return event_id
 
@@ -300,6 +303,9 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         "RMQ_QUEUE": settings.RMQ_QUEUE,
         "RMQ_STATUS_QUEUE": settings.RMQ_STATUS_QUEUE,
         "RMQ_RPC_EXCHANGE": settings.RMQ_RPC_EXCHANGE,
+        "RMQ_HOSTS": ",".join(settings.RMQ_HOSTS),
+        "RMQ_QUEUE_TYPE": settings.RMQ_QUEUE_TYPE,
+        "RMQ_DELIVERY_LIMIT": str(settings.RMQ_DELIVERY_LIMIT),
         "LOGLEVEL": "WARNING",
         **extra,
     }

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import uuid
 from datetime import timedelta
@@ -12,7 +13,10 @@ from datetime import timedelta
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from api.configs import Settings
+from api.database.connection import create_engine, create_sessionmaker
 from api.services.retention_sweeper import PROCESSED_MESSAGE_RETENTION, RetentionSweeper
+from tests.event_helpers import scratch_events_environment
 from tests.factories import TestUser
 
 Sessionmaker = async_sessionmaker[AsyncSession]
@@ -91,3 +95,21 @@ async def test_sweep_forgets_status_message_ids_past_the_retention(
 
     assert deleted["processed_messages"] >= 1
     assert await _known_messages(sessionmaker, old + recent) == set(recent)
+
+
+async def test_many_processes_sweep_once_per_interval_between_them(settings: Settings) -> None:
+    """The lease: four sweepers (processes of a fleet) share one sweep per interval."""
+    async with scratch_events_environment(settings) as scratch:
+        engine = create_engine(scratch)
+        sweepers = [RetentionSweeper(create_sessionmaker(engine), interval=0.5) for _ in range(4)]
+        try:
+            for sweeper in sweepers:
+                sweeper.start()
+            await asyncio.sleep(3.0)
+        finally:
+            for sweeper in sweepers:
+                await sweeper.close()
+            await engine.dispose()
+    sweeps = [sweeper.sweeps for sweeper in sweepers]
+    # Without the lease each would sweep every 0.5 s: about 24 in all.
+    assert 3 <= sum(sweeps) <= 7, sweeps

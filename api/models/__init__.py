@@ -2,11 +2,12 @@
 
 from api.models.base import Base
 from api.models.order import IdempotencyKey, Order
-from api.models.outbox import OutboxEvent, ProcessedMessage
+from api.models.outbox import HousekeepingLease, OutboxEvent, ProcessedMessage
 from api.models.user import RefreshToken, User
 
 __all__ = [
     "Base",
+    "HousekeepingLease",
     "IdempotencyKey",
     "Order",
     "OutboxEvent",

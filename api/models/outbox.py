@@ -26,6 +26,9 @@ class OutboxEvent(CreatedAtMixin, Base):
     routing_key: Mapped[str] = mapped_column(String(255))
     # The CloudEvents envelope, serialised once when the event is written.
     body: Mapped[bytes] = mapped_column(LargeBinary)
+    # The order the event is about: relays claim one order's events together, in order.
+    # NULL only in rows written before the column existed (claimed as one partition).
+    order_id: Mapped[uuid.UUID | None]
     correlation_id: Mapped[str | None] = mapped_column(String(128))
     # The W3C trace context of the request or message that wrote the event (tracing on),
     # so the relay's publish continues that trace whichever process publishes it.
@@ -43,3 +46,13 @@ class ProcessedMessage(Base):
 
     message_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     processed_at: Mapped[datetime] = mapped_column(server_default=text("now()"), index=True)
+
+
+class HousekeepingLease(Base):
+    """Who may run a fleet-wide job now: one row per job, claimed when it has expired."""
+
+    __tablename__ = "housekeeping_leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    expires_at: Mapped[datetime]

@@ -13,7 +13,13 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, DeliveryMode, FieldValue
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    DeliveryMode,
+    FieldValue,
+)
 from aio_pika.exceptions import DeliveryError, PublishError
 
 from api.database.query.outbox import ClaimedEvent
@@ -79,6 +85,8 @@ class EventPublisher:
         self._rabbit = rabbit
         self._timeout = timeout
         self._channel: AbstractChannel | None = None
+        # The connection the channel is on: after a failover the client has a new one.
+        self._channel_connection: AbstractConnection | None = None
         self._exchange: AbstractExchange | None = None
         # Batches publish concurrently on the one channel; only one of them may open it.
         self._opening = asyncio.Lock()
@@ -87,12 +95,17 @@ class EventPublisher:
 
     async def _ready_exchange(self) -> AbstractExchange:
         async with self._opening:
-            if self._exchange is None or self._channel is None or self._channel.is_closed:
+            connection = self._rabbit.connection
+            if (
+                self._exchange is None
+                or self._channel is None
+                or self._channel.is_closed
+                or self._channel_connection is not connection
+            ):
+                self._discard_channel()
                 # on_return_raises: an unroutable (returned) message fails its publish.
-                channel = await self._rabbit.connection.channel(
-                    publisher_confirms=True, on_return_raises=True
-                )
-                self._channel = channel
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                self._channel, self._channel_connection = channel, connection
                 self._exchange = await channel.get_exchange(
                     self._rabbit.names.exchange, ensure=False
                 )
@@ -133,6 +146,7 @@ class EventPublisher:
     def _discard_channel(self) -> None:
         """Forget the channel now; close it in the background (a hung broker may never answer)."""
         channel, self._channel, self._exchange = self._channel, None, None
+        self._channel_connection = None
         if channel is not None and not channel.is_closed:
             closing = asyncio.create_task(self._close_channel(channel))
             self._closing.add(closing)

@@ -13,20 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import uuid
 from enum import Enum, auto
 
 import aio_pika
-from aio_pika.abc import (
-    AbstractExchange,
-    AbstractIncomingMessage,
-    AbstractRobustChannel,
-    FieldValue,
-)
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, FieldValue
 from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
 
-from api.rabbit_core.client import MAX_BACKOFF, RabbitClient, RabbitUnavailable
+from api.helpers.backoff import reconnect_forever
+from api.rabbit_core.client import CLOSE_TIMEOUT, RabbitClient, RabbitUnavailable, until_closed
 from api.tracing import trace_headers
 
 
@@ -65,9 +60,10 @@ class RpcClient:
         self._rabbit = rabbit
         self._state = _State.NEW
         self._task: asyncio.Task[None] | None = None
-        self._channel: AbstractRobustChannel | None = None
+        self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._attached = asyncio.Event()
+        self._stop = asyncio.Event()
         # Every in-flight call, removed by the call itself whatever its outcome.
         self.pending: dict[str, asyncio.Future[bytes]] = {}
 
@@ -86,33 +82,20 @@ class RpcClient:
             raise RabbitUnavailable("RabbitMQ RPC is not ready") from None
 
     async def _attach_forever(self) -> None:
-        delay = 0.5
-        while self._state is _State.STARTED:
-            await self._rabbit.wait_connected()
-            try:
-                await self._attach()
-            except Exception as exc:  # the broker went away mid-attach: try again
-                logger.warning(
-                    "rabbitmq rpc attach failed, retrying",
-                    extra={"error": type(exc).__name__, "retry_in_s": round(delay, 2)},
-                )
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, MAX_BACKOFF)
-                continue
-            return
-
-    async def _attach(self) -> None:
-        # A robust channel: after a reconnect aio-pika reopens it and, before it counts
-        # as restored, re-checks the exchange and restarts the reply consumer.
-        channel = await self._rabbit.connection.channel(
-            publisher_confirms=True, on_return_raises=True
+        await reconnect_forever(
+            self._attach_session, name="rabbitmq rpc reply consumer", logger=logger, stop=self._stop
         )
+
+    async def _attach_session(self) -> None:
+        """Attach on the current connection and stay attached until its channel closes."""
+        connection = await self._rabbit.wait_connected()
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         try:
             reply_queue = await channel.declare_queue(REPLY_TO, passive=True)
             # Consume before the first publish: RabbitMQ refuses reply_to without it.
             await reply_queue.consume(self._on_reply, no_ack=True)
-            # Passive: topology.py owns the declaration; this only binds the name to our channel.
-            exchange = await channel.declare_exchange(self._rabbit.names.rpc_exchange, passive=True)
+            # The client declared it on this node; this only binds the name to our channel.
+            exchange = await channel.get_exchange(self._rabbit.names.rpc_exchange, ensure=False)
         except BaseException:
             with contextlib.suppress(Exception):
                 await channel.close()
@@ -121,6 +104,16 @@ class RpcClient:
         self._channel, self._exchange = channel, exchange
         self._attached.set()
         logger.info("rabbitmq rpc reply consumer attached")
+        try:
+            await until_closed(self._stop, channel, connection)
+        finally:
+            self._attached.clear()
+            self._channel = self._exchange = None
+            channel.close_callbacks.discard(self._on_channel_closed)
+            self._on_channel_closed(channel, None)
+            if not channel.is_closed:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(channel.close(), CLOSE_TIMEOUT)
 
     async def call(self, routing_key: str, body: bytes, *, timeout: float) -> bytes:
         """Publish `body` to `routing_key` and return the reply's body.
@@ -168,13 +161,6 @@ class RpcClient:
         channel, exchange = self._channel, self._exchange
         if not self._attached.is_set() or channel is None or exchange is None or channel.is_closed:
             raise RabbitUnavailable("RabbitMQ is not connected")
-        try:
-            # Just after a reconnect the channel is open before its reply consumer is
-            # back, and a publish with reply_to then would close it again.
-            async with asyncio.timeout_at(deadline):
-                await channel.ready()
-        except TimeoutError:
-            raise RabbitUnavailable("RabbitMQ is reconnecting") from None
         return exchange
 
     async def _publish(
@@ -215,16 +201,15 @@ class RpcClient:
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSED
+        self._stop.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        channel = self._channel
-        self._channel = self._exchange = None
-        self._attached.clear()
-        if channel is not None:
-            channel.close_callbacks.discard(self._on_channel_closed)
-            self._on_channel_closed(channel, None)
-            if not channel.is_closed:
-                with contextlib.suppress(Exception):
-                    await channel.close()
+            # Attached: the session fails the pending calls and closes its channel itself.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._task), CLOSE_TIMEOUT + 0.5)
+            if not self._task.done():
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        for future in list(self.pending.values()):
+            if not future.done():
+                future.set_exception(RabbitUnavailable("RabbitMQ connection lost"))

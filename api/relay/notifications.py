@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 
 from api.configs import Settings
+from api.helpers.backoff import Backoff, reconnect_forever
 
 logger = logging.getLogger(__name__)
 
@@ -59,21 +59,14 @@ class OutboxNotifications:
         )
 
     async def _listen_forever(self) -> None:
-        delay = 0.5
-        while True:
-            try:
-                await self._listen_once()
-                delay = 0.5
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # any failure of the connection: reconnect later
-                logger.warning(
-                    "outbox listen connection failed, polling until it is back",
-                    extra={"error": type(exc).__name__, "retry_in_s": round(delay, 2)},
-                )
-            self.connected = False
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, MAX_RECONNECT_DELAY)
+        # Never stopped from inside: `close()` cancels the task.
+        await reconnect_forever(
+            self._listen_once,
+            name="outbox listen connection (polling meanwhile)",
+            logger=logger,
+            stop=asyncio.Event(),
+            backoff=Backoff(cap=MAX_RECONNECT_DELAY),
+        )
 
     async def _listen_once(self) -> None:
         """LISTEN until the connection drops; returns or raises when it does."""

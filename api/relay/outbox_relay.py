@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,17 +21,18 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from api.configs import Settings
 from api.database.query import outbox as outbox_queries
 from api.database.query.outbox import ClaimedEvent
+from api.helpers.backoff import Backoff
 from api.metrics import OUTBOX_BACKLOG, OUTBOX_FAILED, OUTBOX_PUBLISHED
-from api.rabbit_core.client import RabbitClient, RabbitUnavailable
+from api.rabbit_core.client import CONNECT_TIMEOUT, RabbitClient, RabbitUnavailable
 from api.rabbit_core.publisher import EventPublisher, describe_failure
 from api.relay.notifications import OutboxNotifications
+from api.services.leases import give_up_lease, take_lease
 
 logger = logging.getLogger(__name__)
 
-INITIAL_BACKOFF = 0.5
-MAX_BACKOFF = 5.0
 BACKLOG_REFRESH_INTERVAL = 1.0
 CLEANUP_INTERVAL = 60.0
+CLEANUP_LEASE = "outbox-cleanup"
 CLEANUP_BATCH_SIZE = 1000
 # Bounds one cleanup pass; the rest goes on the next pass.
 CLEANUP_MAX_BATCHES = 20
@@ -54,23 +54,6 @@ class BatchResult:
     error: BaseException | None = None
 
 
-class Backoff:
-    """Capped exponential delays with ±20 % jitter, so relays do not retry in lockstep."""
-
-    def __init__(self, initial: float = INITIAL_BACKOFF, cap: float = MAX_BACKOFF) -> None:
-        self._initial = initial
-        self._cap = cap
-        self._next = initial
-
-    def next(self) -> float:
-        delay = self._next
-        self._next = min(self._next * 2, self._cap)
-        return delay * random.uniform(0.8, 1.2)
-
-    def reset(self) -> None:
-        self._next = self._initial
-
-
 class OutboxRelay:
     """The relay of one process (a few lanes of batches); safe in many processes at once."""
 
@@ -83,6 +66,7 @@ class OutboxRelay:
         lanes: int = DEFAULT_LANES,
     ) -> None:
         self._lanes = lanes
+        self._nodes = settings.rabbitmq_nodes
         self._sessionmaker = sessionmaker
         self._rabbit = rabbit
         self._batch_size = settings.OUTBOX_BATCH_SIZE
@@ -103,6 +87,8 @@ class OutboxRelay:
         self.published = 0
         self._next_backlog_refresh = 0.0
         self._next_cleanup = 0.0
+        # Cleanup passes this relay ran (each under the fleet's lease).
+        self._cleanups = 0
 
     async def start(self) -> None:
         if self._task is not None:
@@ -131,6 +117,8 @@ class OutboxRelay:
                     await self._task
         await self._notifications.close()
         await self._publisher.close()
+        if self._cleanups:
+            await give_up_lease(self._sessionmaker, name=CLEANUP_LEASE)
 
     async def _run(self, *, leader: bool) -> None:
         """One lane: claim, publish and mark batches until stopped.
@@ -138,6 +126,7 @@ class OutboxRelay:
         The leader wakes on a NOTIFY (or every poll interval), keeps the metrics and the
         retention cleanup, and says when a backlog is there; the other lanes wait for that.
         """
+        await self._first_connection()
         backoff = Backoff()
         while not self._stopping.is_set():
             if leader:
@@ -165,6 +154,24 @@ class OutboxRelay:
             self._backlog.clear()
             if await self._sleep_until(self._wake, self._poll_interval):
                 await self._sleep_until(self._stopping, NOTIFY_COALESCE_SECONDS)
+
+    async def _first_connection(self) -> None:
+        """Give the client time to connect before the first batch.
+
+        The relay starts with the process, before RabbitMQ is connected; without this
+        wait every healthy start logged that the relay cannot publish. A broker that is
+        really down is still reported, once this wait is over.
+        """
+        grace = CONNECT_TIMEOUT * len(self._nodes) + 1.0
+        waiting = asyncio.ensure_future(self._rabbit.wait_connected(grace))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait((waiting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RabbitUnavailable, RuntimeError):
+                await waiting
 
     async def _relay_batch(self) -> BatchResult:
         """Claim, publish, confirm and mark one batch in one transaction."""
@@ -195,8 +202,12 @@ class OutboxRelay:
                 async with self._sessionmaker() as session, session.begin():
                     OUTBOX_BACKLOG.set(await outbox_queries.count_outbox_backlog(session))
             if now >= self._next_cleanup:
-                self._next_cleanup = now + CLEANUP_INTERVAL
-                await self._delete_old_sent_events()
+                # Asked a few times per interval; the lease lets one process per interval in.
+                self._next_cleanup = now + CLEANUP_INTERVAL / 4
+                period = timedelta(seconds=CLEANUP_INTERVAL)
+                if await take_lease(self._sessionmaker, name=CLEANUP_LEASE, period=period):
+                    self._cleanups += 1
+                    await self._delete_old_sent_events()
         except Exception as exc:  # housekeeping never stops the relay
             logger.debug("outbox housekeeping failed", extra={"error": type(exc).__name__})
 

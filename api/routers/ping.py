@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from api.health import check_dependencies, overall_status, refresh_scrape_gauges
+from api.health import check_dependencies, refresh_scrape_gauges
 from api.helpers.orjson_coder import ORJSONResponse
 from api.metrics import render_metrics
 from api.state import get_state
@@ -34,14 +34,19 @@ _HEALTH: dict[str, Any] = {"content": {HEALTH_CONTENT_TYPE: {}}}
     response_class=Response,
     responses={
         200: {"description": "`pass`, or `warn` when Redis or RabbitMQ is down.", **_HEALTH},
-        503: {"description": "`fail`: PostgreSQL is down.", **_HEALTH},
+        503: {
+            "description": "`fail`: PostgreSQL is down, or RabbitMQ refused the queues.",
+            **_HEALTH,
+        },
     },
 )
 @router.get("/readyz", include_in_schema=False)
 async def ready(request: Request) -> Response:
-    """Readiness: PostgreSQL down is `fail` (503); Redis or RabbitMQ down is `warn` (200)."""
-    checks = await check_dependencies(get_state(request))
-    status = overall_status(checks)
+    """Readiness: PostgreSQL down is `fail` (503); Redis or RabbitMQ down is `warn` (200).
+
+    RabbitMQ refusing the queues' arguments (a misconfiguration) is `fail` (503).
+    """
+    status, checks = await check_dependencies(get_state(request))
     body = {"status": status, "checks": checks}
     return ORJSONResponse(
         body,

@@ -66,6 +66,7 @@ async def transition_order(
             request_id=request_id,
             previous_status=current.status,
         ),
+        order_id=order.id,
     )
     return Transition(order=order, previous_status=current.status)
 

@@ -7,8 +7,9 @@
   redeliver within minutes; a status already held is a no-op anyway).
 
 Correctness never waits for it: it only keeps these tables from growing forever.
-Every process runs one; `SKIP LOCKED` lets them share the work and never makes a
-request wait behind a sweep. (Sent outbox rows are the relay's to delete.)
+Every process runs one, but a lease (`services/leases.py`) lets only one of the
+fleet sweep per interval; `SKIP LOCKED` never makes a request wait behind a sweep.
+(Sent outbox rows are the relay's to delete.)
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from api.database.query.idempotency import delete_expired_keys
 from api.database.query.processed_messages import delete_processed_messages
 from api.database.query.users import delete_expired_refresh_tokens
+from api.services.leases import give_up_lease, take_lease
 
 logger = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_SECONDS = 300.0
+LEASE_NAME = "retention-sweep"
 SWEEP_BATCH_SIZE = 1000
 # Bounds one sweep of a table, so a huge backlog is worked off over several sweeps.
 SWEEP_MAX_BATCHES = 50
@@ -74,6 +77,8 @@ class RetentionSweeper:
         self._batch_size = batch_size
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        # Sweeps this process ran (it holds the lease for each).
+        self.sweeps = 0
 
     def start(self) -> None:
         if self._closed:
@@ -88,6 +93,8 @@ class RetentionSweeper:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+            if self.sweeps:
+                await give_up_lease(self._sessionmaker, name=LEASE_NAME)
 
     async def sweep(self) -> dict[str, int]:
         """Sweep every table, one short transaction per batch; the number deleted per table."""
@@ -104,10 +111,15 @@ class RetentionSweeper:
         return total
 
     async def _run(self) -> None:
+        period = timedelta(seconds=self._interval)
         while True:
-            # Jitter spreads the sweeps of many processes started together.
-            await asyncio.sleep(self._interval * random.uniform(0.5, 1.5))
+            # Asked a few times per interval (jittered), so a lease given up by a stopped
+            # process is taken soon by another.
+            await asyncio.sleep(self._interval * random.uniform(0.2, 0.3))
             try:
+                if not await take_lease(self._sessionmaker, name=LEASE_NAME, period=period):
+                    continue
+                self.sweeps += 1
                 deleted = await self.sweep()
             except Exception as exc:  # the database may be down; try again next round
                 logger.warning("retention sweep failed", extra={"error": type(exc).__name__})

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import aio_pika
 import httpx
 
 from api.configs import Settings
@@ -160,19 +159,29 @@ async def wait_until_serving(service: RunningService, *, timeout: float = START_
 
 
 async def consumer_count(settings: Settings, queue: str) -> int:
-    """Consumers of `queue` now (0 when it is not declared or RabbitMQ does not answer)."""
+    """Consumers of `queue` now, the waiting ones included (0 when RabbitMQ does not answer).
+
+    The status queue has a single active consumer, and a queue declaration reports only
+    that one, so the consumers are listed by `rabbitmqctl list_consumers` (read-only).
+    """
     try:
-        connection = await aio_pika.connect(settings.rabbitmq_url, timeout=3)
-    except Exception:
+        process = await asyncio.create_subprocess_exec(
+            "rabbitmqctl",
+            "-q",
+            "list_consumers",
+            "-p",
+            settings.RMQ_VHOST,
+            "--no-table-headers",
+            "queue_name",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        stdout, _ = await asyncio.wait_for(process.communicate(), 15)
+    except (OSError, TimeoutError):
         return 0
-    async with connection:
-        try:
-            channel = await connection.channel()
-            declared = await channel.declare_queue(queue, passive=True, timeout=3)
-        except Exception:
-            return 0
-        count: int = declared.declaration_result.consumer_count
-        return count
+    if process.returncode != 0:
+        return 0
+    return sum(1 for line in stdout.decode().splitlines() if line.strip() == queue)
 
 
 async def wait_for_consumers(settings: Settings, queue: str, count: int, timeout: float) -> float:
@@ -214,10 +223,10 @@ def kill_group(process: asyncio.subprocess.Process) -> None:
 
 @contextlib.asynccontextmanager
 async def running_service(
-    settings: Settings, workdir: Path, **extra: str
+    settings: Settings, workdir: Path, *, port: int | None = None, **extra: str
 ) -> AsyncIterator[RunningService]:
     """`python -m api` with WORKERS=2 on a free loopback port; stopped (or killed) on exit."""
-    port = free_port()
+    port = port or free_port()
     metrics_dir = workdir / f"metrics-{port}"
     metrics_dir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"service-{port}.log"

@@ -81,8 +81,9 @@ new_order AS (
     RETURNING id
 ),
 new_event AS (
-    INSERT INTO outbox (event_id, routing_key, body, correlation_id, traceparent, tracestate)
-    SELECT $8, $9, $10, $11, $12, $13 FROM new_order
+    INSERT INTO outbox (event_id, routing_key, body, correlation_id, traceparent, tracestate,
+                        order_id)
+    SELECT $8, $9, $10, $11, $12, $13, id FROM new_order
 )
 """
 

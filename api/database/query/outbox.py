@@ -60,7 +60,9 @@ CLAIMED_COLUMNS = (
 )
 
 
-async def insert_outbox_event(session: AsyncSession, event: NewOutboxEvent) -> None:
+async def insert_outbox_event(
+    session: AsyncSession, event: NewOutboxEvent, *, order_id: uuid.UUID | None
+) -> None:
     """Write `event` in the caller's transaction; the insert trigger NOTIFYs relays on commit."""
     await session.execute(
         insert(OutboxEvent).values(
@@ -70,18 +72,69 @@ async def insert_outbox_event(session: AsyncSession, event: NewOutboxEvent) -> N
             correlation_id=event.correlation_id,
             traceparent=event.traceparent,
             tracestate=event.tracestate,
+            order_id=order_id,
         )
     )
 
 
+# Orders are spread over this many partitions (a power of two: the SQL masks the
+# hash); a claim holds a few of them at once.
+OUTBOX_PARTITIONS = 64
+MAX_PARTITIONS_PER_CLAIM = 16
+# The advisory-lock namespace of the partitions (the two-int form of the lock; the
+# idempotency keys use the one-bigint form, a separate key space).
+PARTITION_LOCK_NAMESPACE = 0x4F42  # "OB"
+
+# Claim the oldest unsent events of the partitions (of the order id) no other relay
+# transaction holds:
+# - `oldest`: the oldest :scan unsent rows and their partitions;
+# - `held`: the partitions among them, oldest first, whose transaction-scoped advisory
+#   lock this transaction gets without waiting (at most :max_partitions, so concurrent
+#   relays share the work);
+# - those rows of `oldest` that are in a held partition, locked, oldest first.
+# `oldest` is a prefix of the unsent rows, so what is claimed of a partition is a prefix
+# of its unsent rows too, and nobody else can claim any of that partition's rows until
+# this transaction has published and marked them: an order's event is published only
+# after that order's earlier events (ids grow with an order's versions, its changes
+# being serialised by the order's row lock). A row another transaction still locks is
+# waited for, not skipped: skipping it would publish that order's next event first.
+# Transaction-scoped advisory locks work behind PgBouncer in transaction mode.
+_CLAIM = text(
+    f"""
+WITH oldest AS MATERIALIZED (
+    SELECT id, hashtext(coalesce(order_id::text, '')) & :mask AS partition
+    FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT :scan
+),
+held AS MATERIALIZED (
+    SELECT partition
+    FROM (SELECT partition, min(id) AS first_id FROM oldest GROUP BY partition) candidates
+    WHERE pg_try_advisory_xact_lock(:namespace, partition)
+    ORDER BY first_id
+    LIMIT :max_partitions
+)
+SELECT {", ".join(column.name for column in CLAIMED_COLUMNS)}
+FROM outbox
+WHERE id IN (SELECT id FROM oldest WHERE partition IN (SELECT partition FROM held))
+  AND sent_at IS NULL
+ORDER BY id
+LIMIT :limit
+FOR UPDATE
+"""  # noqa: S608 -- the column names come from the model, nothing from input
+)
+
+
 async def claim_outbox_batch(session: AsyncSession, *, limit: int) -> list[ClaimedEvent]:
-    """Lock up to `limit` of the oldest unsent rows; rows another relay holds are skipped."""
+    """Lock up to `limit` of the oldest unsent rows of partitions no other relay holds."""
     result = await session.execute(
-        select(*CLAIMED_COLUMNS)
-        .where(OutboxEvent.sent_at.is_(None))
-        .order_by(OutboxEvent.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
+        _CLAIM,
+        {
+            # Enough rows that the partitions one claim may hold fill a batch.
+            "scan": limit * OUTBOX_PARTITIONS // MAX_PARTITIONS_PER_CLAIM,
+            "mask": OUTBOX_PARTITIONS - 1,
+            "namespace": PARTITION_LOCK_NAMESPACE,
+            "max_partitions": MAX_PARTITIONS_PER_CLAIM,
+            "limit": limit,
+        },
     )
     return [ClaimedEvent(*row) for row in result]
 

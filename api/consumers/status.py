@@ -5,7 +5,11 @@ also records its `message_id`, and acked only after that commit. A redelivered
 `message_id`, or a status the order already has, is acked as a no-op. A message
 that can never apply is published to `<exchange>.dlx` (landing in
 `<status queue>.dlq`) with the reason in header `x-error`, then acked; a
-transient database failure is requeued after a short pause.
+transient database failure is requeued after a short pause (and a message that
+fails every time is dead-lettered by the quorum queue after RMQ_DELIVERY_LIMIT
+deliveries). The queue has a single active consumer in the whole fleet, so one
+order's messages are applied in the order they were published; after a failover
+the consumer attaches again on the client's new connection.
 """
 
 from __future__ import annotations
@@ -38,10 +42,10 @@ from api.database.query import orders as order_queries
 from api.database.query.processed_messages import record_processed_message
 from api.errors import InvalidTransition, NotFound
 from api.events import StatusUpdateMessage
+from api.helpers.backoff import reconnect_forever
 from api.helpers.logger import request_id_var
 from api.metrics import STATUS_MESSAGES
-from api.rabbit_core.client import RabbitClient, RabbitUnavailable
-from api.rabbit_core.topology import declare_topology
+from api.rabbit_core.client import RabbitClient, until_closed
 from api.schemas.orders import OrderRead
 from api.services.orders import transition_order
 from api.tracing import consume_span
@@ -95,11 +99,19 @@ class Applied:
     order: OrderRead | None  # None for a no-op
 
 
+# SQLSTATEs that say "try again later": serialization failure, deadlock, a lock not
+# available, a statement cancelled by its timeout (a row lock held too long).
+TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014"})
+
+
 def _is_transient(exc: BaseException) -> bool:
     """A failure worth retrying: the database or the network, not the message."""
     if isinstance(exc, sa_exc.DBAPIError):
-        return exc.connection_invalidated or isinstance(
-            exc, sa_exc.OperationalError | sa_exc.InterfaceError
+        sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        return (
+            exc.connection_invalidated
+            or isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError)
+            or sqlstate in TRANSIENT_SQLSTATES
         )
     return isinstance(exc, sa_exc.TimeoutError | TimeoutError | OSError)
 
@@ -211,33 +223,34 @@ class StatusConsumer:
         self._attach_task = asyncio.create_task(self._attach(), name="status-consumer-attach")
 
     async def _attach(self) -> None:
-        """Wait for RabbitMQ (it may come up long after the API), then start consuming."""
-        delay = 0.5
-        while not self._stopping.is_set():
-            try:
-                connection = await self._rabbit.wait_connected(timeout=delay)
-                self._channel = await connection.channel(
-                    publisher_confirms=True, on_return_raises=True
-                )
-                await self._consume(self._channel)
-            except RabbitUnavailable:
-                delay = min(delay * 2, 5.0)
-                continue
-            except Exception as exc:  # the broker went away mid-attach: try again
-                logger.warning("status consumer cannot attach", extra={"error": type(exc).__name__})
-                await self._close_channel()
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, 5.0)
-                continue
-            logger.info("status consumer attached", extra={"queue": self._status_queue_name})
-            return
+        """Consume on every connection the client gets (after a failover: on the new node)."""
+        await reconnect_forever(
+            self._consume_session, name="status consumer", logger=logger, stop=self._stopping
+        )
 
-    async def _consume(self, channel: AbstractChannel) -> None:
-        await channel.set_qos(prefetch_count=self._prefetch)
-        # Declared on this channel too, so its robust restore re-creates what it needs.
-        topology = await declare_topology(channel, self._rabbit.names)
-        self._queue, self._dead_letters = topology.status_queue, topology.dead_letters
-        self._consumer_tag = await topology.status_queue.consume(self._on_message)
+    async def _consume_session(self) -> None:
+        """Consume until the channel or its connection is lost, or the consumer stops."""
+        connection = await self._rabbit.wait_connected()
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        try:
+            await channel.set_qos(prefetch_count=self._prefetch)
+            # The client declared the topology on this node before handing out the connection.
+            queue = await channel.get_queue(self._status_queue_name, ensure=False)
+            self._dead_letters = await channel.get_exchange(
+                self._rabbit.names.dead_letter_exchange, ensure=False
+            )
+            self._consumer_tag = await queue.consume(self._on_message)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(channel.close(), CLOSE_TIMEOUT)
+            raise
+        self._channel, self._queue = channel, queue
+        logger.info("status consumer attached", extra={"queue": self._status_queue_name})
+        await until_closed(self._stopping, channel, connection)
+        if not self._stopping.is_set():
+            self._channel = self._queue = None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(channel.close(), CLOSE_TIMEOUT)
 
     async def _close_channel(self) -> None:
         channel, self._channel = self._channel, None
@@ -249,16 +262,22 @@ class StatusConsumer:
         """Stop taking messages, let in-flight ones finish (bounded), then close the channel."""
         self._stopping.set()
         if self._attach_task is not None and not self._attach_task.done():
-            self._attach_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._attach_task
-        connected = self._rabbit.is_connected
-        if connected and self._queue is not None and self._consumer_tag is not None:
+            if self._channel is not None:
+                # Attached: the session sees the stop and returns at once.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._attach_task), CLOSE_TIMEOUT)
+            if not self._attach_task.done():
+                self._attach_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._attach_task
+        channel, queue = self._channel, self._queue
+        attached = channel is not None and not channel.is_closed
+        if attached and queue is not None and self._consumer_tag is not None:
             with contextlib.suppress(Exception):
-                await self._queue.cancel(self._consumer_tag, timeout=CLOSE_TIMEOUT)
+                await queue.cancel(self._consumer_tag, timeout=CLOSE_TIMEOUT)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout)
-        if connected:
+        if attached:
             # Unacked messages (not yet started) go back to the queue for another consumer.
             await self._close_channel()
 

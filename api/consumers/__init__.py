@@ -1,0 +1,1 @@
+"""Inbound RabbitMQ consumers: messages other services send us (outbound lives in rabbit_core)."""
