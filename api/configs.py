@@ -33,6 +33,40 @@ class AppEnv(StrEnum):
     PRODUCTION = "production"
 
 
+class PostgresPooler(StrEnum):
+    """What sits between the service and PostgreSQL."""
+
+    NONE = "none"
+    # PgBouncer in transaction pooling mode: no session state survives a transaction.
+    PGBOUNCER = "pgbouncer"
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, raw: str, default_port: int) -> HostPort:
+        """`host`, `host:port`, `[v6]` or `[v6]:port`."""
+        raw = raw.strip()
+        host, port = raw, str(default_port)
+        if raw.startswith("["):
+            host, _, rest = raw[1:].partition("]")
+            if rest:
+                if not rest.startswith(":"):
+                    raise ValueError(f"{raw!r} is not host[:port]")
+                port = rest[1:]
+        elif raw.count(":") == 1:
+            host, port = raw.split(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{raw!r} is not host[:port]")
+        return cls(host, int(port))
+
+
 @dataclass(frozen=True, slots=True)
 class RateLimitPolicy:
     """A token bucket: `quota` tokens refilled evenly over `window` seconds."""
@@ -81,6 +115,13 @@ class Settings(BaseSettings):
 
     POSTGRES_HOST: str = "127.0.0.1"
     POSTGRES_PORT: int = Field(default=5432, ge=1, le=65535)
+    # `host[:port]` of every node, tried in order for one that accepts writes (libpq's
+    # target_session_attrs=read-write); overrides POSTGRES_HOST/POSTGRES_PORT.
+    POSTGRES_HOSTS: CsvList = Field(default_factory=list)
+    POSTGRES_POOLER: PostgresPooler = PostgresPooler.NONE
+    # `host[:port]` list for the relay's LISTEN connection, which must bypass a
+    # transaction pooler. Empty: the primary found through the hosts above.
+    POSTGRES_LISTEN_HOST: CsvList = Field(default_factory=list)
     POSTGRES_DB: str = Field(default="orders", min_length=1, max_length=63)
     POSTGRES_USER: str = "postgres"
     POSTGRES_PASSWORD: SecretStr = SecretStr("")
@@ -154,7 +195,14 @@ class Settings(BaseSettings):
 
     IDEMPOTENCY_TTL_HOURS: int = Field(default=24, ge=1, le=24 * 30)
 
-    @field_validator("ENV_ALLOWED_ORIGINS", "TRUSTED_PROXIES", "REDIRECT_SERVICES", mode="before")
+    @field_validator(
+        "ENV_ALLOWED_ORIGINS",
+        "TRUSTED_PROXIES",
+        "REDIRECT_SERVICES",
+        "POSTGRES_HOSTS",
+        "POSTGRES_LISTEN_HOST",
+        mode="before",
+    )
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
@@ -164,6 +212,13 @@ class Settings(BaseSettings):
     def _networks(cls, value: list[str]) -> list[str]:
         for entry in value:
             ip_network(entry, strict=False)
+        return value
+
+    @field_validator("POSTGRES_HOSTS", "POSTGRES_LISTEN_HOST")
+    @classmethod
+    def _host_list(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            HostPort.parse(entry, 5432)
         return value
 
     @field_validator("RATE_LIMIT_DEFAULT", "RATE_LIMIT_AUTH", "RATE_LIMIT_ORDERS_CREATE")
@@ -208,13 +263,31 @@ class Settings(BaseSettings):
     def trusted_proxy_networks(self) -> list[IPv4Network | IPv6Network]:
         return [ip_network(entry, strict=False) for entry in self.TRUSTED_PROXIES]
 
+    @property
+    def postgres_hosts(self) -> list[HostPort]:
+        """The nodes to try in order: POSTGRES_HOSTS, else POSTGRES_HOST:POSTGRES_PORT."""
+        if self.POSTGRES_HOSTS:
+            return [HostPort.parse(entry, self.POSTGRES_PORT) for entry in self.POSTGRES_HOSTS]
+        return [HostPort(self.POSTGRES_HOST, self.POSTGRES_PORT)]
+
+    @property
+    def postgres_listen_hosts(self) -> list[HostPort]:
+        """POSTGRES_LISTEN_HOST's nodes; empty when the relay should find the primary."""
+        return [HostPort.parse(entry, self.POSTGRES_PORT) for entry in self.POSTGRES_LISTEN_HOST]
+
+    @property
+    def behind_pgbouncer(self) -> bool:
+        return self.POSTGRES_POOLER is PostgresPooler.PGBOUNCER
+
     def postgres_url(self, database: str | None = None) -> URL:
+        """The SQLAlchemy URL of the first node (the engine connects through `connect_primary`)."""
+        first = self.postgres_hosts[0]
         return URL.create(
             "postgresql+asyncpg",
             username=self.POSTGRES_USER,
             password=self.POSTGRES_PASSWORD.get_secret_value() or None,
-            host=self.POSTGRES_HOST,
-            port=self.POSTGRES_PORT,
+            host=first.host,
+            port=first.port,
             database=database or self.POSTGRES_DB,
         )
 
