@@ -6,25 +6,18 @@ import argparse
 import asyncio
 import sys
 
-import asyncpg
 from sqlalchemy import update
 
 from api.configs import Settings, load_settings
-from api.database.connection import create_engine
+from api.database.connection import connect_primary, create_engine
 from api.helpers.enums import UserRole
 from api.models import User
 
 
 async def create_database(settings: Settings) -> str:
-    """Create POSTGRES_DB when it does not exist yet (connecting to `postgres`)."""
-    conn = await asyncpg.connect(
-        host=settings.POSTGRES_HOST,
-        port=settings.POSTGRES_PORT,
-        user=settings.POSTGRES_USER,
-        password=settings.POSTGRES_PASSWORD.get_secret_value() or None,
-        database="postgres",
-        timeout=settings.POSTGRES_CONNECT_TIMEOUT,
-    )
+    """Create POSTGRES_DB when it does not exist yet (connecting to `postgres` on the primary)."""
+    # On the primary of POSTGRES_HOSTS: a standby cannot create it, and replicates it.
+    conn = await connect_primary(settings, database="postgres")
     try:
         exists = await conn.fetchval(
             "SELECT 1 FROM pg_database WHERE datname = $1", settings.POSTGRES_DB

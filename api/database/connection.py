@@ -57,8 +57,12 @@ _NEXT_NODE_ERRORS = (
 )
 
 
-def connect_options(settings: Settings, *, pooled: bool = True) -> dict[str, Any]:
+def connect_options(
+    settings: Settings, *, pooled: bool = True, timeouts: bool = True
+) -> dict[str, Any]:
     """`asyncpg.connect` arguments; `pooled`: the connection goes through POSTGRES_POOLER.
+
+    `timeouts`: statements are bounded by POSTGRES_TRANSACTION_TIMEOUT (not migrations).
 
     Through PgBouncer (transaction mode) the statement cache is off (a named prepared
     statement would outlive the transaction on a server connection another client gets
@@ -70,13 +74,16 @@ def connect_options(settings: Settings, *, pooled: bool = True) -> dict[str, Any
         "user": settings.POSTGRES_USER,
         "password": settings.POSTGRES_PASSWORD.get_secret_value() or None,
         "timeout": settings.POSTGRES_CONNECT_TIMEOUT,
-        # The client-side bound a little above the server's, so the server's error wins.
-        "command_timeout": settings.POSTGRES_TRANSACTION_TIMEOUT + 1,
         "target_session_attrs": "read-write",
         "connection_class": NodeConnection,
     }
+    if timeouts:
+        # The client-side bound a little above the server's, so the server's error wins.
+        options["command_timeout"] = settings.POSTGRES_TRANSACTION_TIMEOUT + 1
     if pooled and settings.behind_pgbouncer:
         options["statement_cache_size"] = 0
+        options["server_settings"] = {"application_name": APPLICATION_NAME}
+    elif not timeouts:
         options["server_settings"] = {"application_name": APPLICATION_NAME}
     else:
         timeout_ms = str(int(settings.POSTGRES_TRANSACTION_TIMEOUT * 1000))
@@ -147,9 +154,14 @@ def _read_only_is_a_disconnect(context: ExceptionContext) -> None:
         context.is_disconnect = True
 
 
-def create_engine(settings: Settings, *, database: str | None = None) -> AsyncEngine:
-    """An asyncpg engine on the current primary, with the statement timeout on every connection."""
-    options = connect_options(settings)
+def create_engine(
+    settings: Settings, *, database: str | None = None, timeouts: bool = True
+) -> AsyncEngine:
+    """An asyncpg engine on the current primary, with the statement timeout on every connection.
+
+    `timeouts=False` (migrations): statements run as long as they need.
+    """
+    options = connect_options(settings, timeouts=timeouts)
 
     async def connect() -> NodeConnection:
         return await connect_primary(settings, database=database, options=options)

@@ -2,7 +2,10 @@
 
 The outbox insert trigger runs `pg_notify('orders_outbox', '')`, delivered when the
 writing transaction commits. The connection is reopened whenever it drops (a
-PostgreSQL restart, a network cut); while it is down the relay still polls.
+PostgreSQL restart, a failover, a network cut); while it is down the relay still polls.
+It goes to the primary directly: POSTGRES_LISTEN_HOST, else the first writable node of
+POSTGRES_HOSTS, or, behind PgBouncer (whose transaction pooling cannot carry a
+LISTEN), the address of the server PgBouncer itself writes to.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-import asyncpg
-
-from api.configs import Settings
+from api.configs import HostPort, Settings
+from api.database.connection import connect_options, connect_primary
+from api.metrics import OUTBOX_LISTEN_FAILURES
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +51,25 @@ class OutboxNotifications:
 
     async def _connect(self) -> Any:
         settings = self._settings
-        return await asyncpg.connect(
-            host=settings.POSTGRES_HOST,
-            port=settings.POSTGRES_PORT,
-            user=settings.POSTGRES_USER,
-            password=settings.POSTGRES_PASSWORD.get_secret_value() or None,
-            database=settings.POSTGRES_DB,
-            timeout=settings.POSTGRES_CONNECT_TIMEOUT,
-            server_settings={"application_name": LISTEN_APPLICATION_NAME},
-        )
+        hosts = settings.postgres_listen_hosts
+        if not hosts and settings.behind_pgbouncer:
+            hosts = [await self._primary_behind_pooler()]
+        options = connect_options(settings, pooled=False, timeouts=False)
+        options["server_settings"] = {"application_name": LISTEN_APPLICATION_NAME}
+        return await connect_primary(settings, hosts=hosts or None, options=options)
+
+    async def _primary_behind_pooler(self) -> HostPort:
+        """The address of the PostgreSQL server PgBouncer connects this service to."""
+        conn = await connect_primary(self._settings)
+        try:
+            row = await conn.fetchrow(
+                "SELECT host(inet_server_addr()) AS host, inet_server_port() AS port"
+            )
+        finally:
+            await conn.close()
+        if row is None or row["host"] is None:
+            raise ConnectionError("PgBouncer reaches PostgreSQL over a Unix socket")
+        return HostPort(row["host"], row["port"])
 
     async def _listen_forever(self) -> None:
         delay = 0.5
@@ -67,6 +80,7 @@ class OutboxNotifications:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure of the connection: reconnect later
+                OUTBOX_LISTEN_FAILURES.inc()
                 logger.warning(
                     "outbox listen connection failed, polling until it is back",
                     extra={"error": type(exc).__name__, "retry_in_s": round(delay, 2)},

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import text
 
+from api.database.connection import connected_node
 from api.helpers.orjson_coder import ORJSONResponse
 from api.metrics import render_metrics
 from api.state import get_state
@@ -31,16 +32,17 @@ async def ping() -> Response:
     return Response(_LIVE, media_type="application/json")
 
 
-async def _probe(check: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
+async def _probe(check: Callable[[], Awaitable[dict[str, Any] | None]]) -> dict[str, Any]:
     started = time.perf_counter()
+    extra: dict[str, Any] | None = None
     try:
-        await asyncio.wait_for(check(), PROBE_TIMEOUT)
+        extra = await asyncio.wait_for(check(), PROBE_TIMEOUT)
     except TimeoutError:
         outcome: dict[str, Any] = {"status": "fail", "detail": f"no answer within {PROBE_TIMEOUT}s"}
     except Exception as exc:  # a probe reports any failure instead of raising it
         outcome = {"status": "fail", "detail": type(exc).__name__}
     else:
-        outcome = {"status": "pass"}
+        outcome = {"status": "pass", **(extra or {})}
     outcome["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
     return outcome
 
@@ -62,9 +64,12 @@ async def ready(request: Request) -> Response:
     """Readiness: PostgreSQL down is `fail` (503); Redis or RabbitMQ down is `warn` (200)."""
     state = get_state(request)
 
-    async def postgres() -> None:
+    async def postgres() -> dict[str, Any]:
         async with state["engine"].connect() as conn:
             await conn.execute(text("SELECT 1"))
+            raw = await conn.get_raw_connection()
+            # The node of POSTGRES_HOSTS (or the pooler) this process writes to.
+            return {"host": str(connected_node(raw.driver_connection))}
 
     async def redis() -> None:
         await state["redis"].ping()
