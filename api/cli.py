@@ -9,7 +9,7 @@ import sys
 from sqlalchemy import update
 
 from api.configs import Settings, load_settings
-from api.database.connection import connect_primary, create_engine
+from api.database.connection import NoPrimaryError, connect_primary, create_engine
 from api.helpers.enums import UserRole
 from api.models import User
 
@@ -58,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = load_settings()
     if args.command == "create-database":
-        sys.stdout.write(asyncio.run(create_database(settings)) + "\n")
+        try:
+            sys.stdout.write(asyncio.run(create_database(settings)) + "\n")
+        except NoPrimaryError as exc:
+            sys.stderr.write(f"create-database: {exc}\n")
+            return 1
         return 0
     if asyncio.run(promote_admin(settings, args.email)):
         sys.stdout.write(f"{args.email.strip().lower()} is now an admin\n")

@@ -73,13 +73,21 @@ class Node:
 
     def start(self) -> None:
         opts = " ".join(f"-c {option}" for option in self.options)
+        log = self.datadir.parent / f"{self.datadir.name}.log"
+        try:
+            self._pg_ctl_start(opts, log)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n{log.read_text(errors='replace')[-2000:]}") from None
+        self.pids.add(self.postmaster_pid())
+
+    def _pg_ctl_start(self, opts: str, log: Path) -> None:
         _run(
             [
                 str(PG_BIN / "pg_ctl"),
                 "-D",
                 str(self.datadir),
                 "-l",
-                str(self.datadir.parent / f"{self.datadir.name}.log"),
+                str(log),
                 "-o",
                 f"-c port={self.port} {opts}",
                 "-w",
@@ -88,7 +96,6 @@ class Node:
                 "start",
             ]
         )
-        self.pids.add(self.postmaster_pid())
 
     def postmaster_pid(self) -> int:
         return int((self.datadir / "postmaster.pid").read_text().split()[0])

@@ -135,10 +135,18 @@ def _why_skipped(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def is_read_only_error(exc: BaseException | None) -> bool:
-    """A write refused because the node is (now) read-only: a demoted or fenced primary."""
+def ends_the_connection(exc: BaseException | None) -> bool:
+    """An error after which the connection must not be reused.
+
+    A FATAL error (the server is going away: a crash, a shutdown, a dead postmaster)
+    ends the session, though the socket may not have closed yet: reused, the connection
+    would still be waiting for the end of the failed statement. A write refused as
+    read-only means the node is no longer the primary (demoted or fenced).
+    """
     while exc is not None:
-        if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
+        if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.ReadOnlySQLTransactionError):
+            return True
+        if getattr(exc, "severity_en", None) in _FATAL or getattr(exc, "severity", None) in _FATAL:
             return True
         if getattr(exc, "sqlstate", None) == asyncpg.ReadOnlySQLTransactionError.sqlstate:
             return True
@@ -146,11 +154,14 @@ def is_read_only_error(exc: BaseException | None) -> bool:
     return False
 
 
-def _read_only_is_a_disconnect(context: ExceptionContext) -> None:
+_FATAL = ("FATAL", "PANIC")
+
+
+def _invalidate_ended_connections(context: ExceptionContext) -> None:
     # SQLAlchemy then drops this connection and every one pooled before it, so the next
     # checkout connects again, to whichever node is the primary by then; the request in
     # hand gets a 503 (the error is marked connection_invalidated).
-    if is_read_only_error(context.original_exception):
+    if ends_the_connection(context.original_exception):
         context.is_disconnect = True
 
 
@@ -191,7 +202,7 @@ def create_engine(
         json_deserializer=orjson.loads,
         creator=creator,
     )
-    event.listen(engine.sync_engine, "handle_error", _read_only_is_a_disconnect)
+    event.listen(engine.sync_engine, "handle_error", _invalidate_ended_connections)
     return engine
 
 
@@ -269,8 +280,8 @@ async def raw_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connectio
     try:
         yield conn
     except asyncpg.PostgresError as exc:
-        if is_read_only_error(exc):
-            # The node stopped taking writes (demoted or fenced): never reuse this one.
+        if ends_the_connection(exc):
+            # The server went away, or the node stopped taking writes: never reuse it.
             await greenlet_spawn(fairy.invalidate)
         else:
             await greenlet_spawn(fairy.close)

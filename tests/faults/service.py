@@ -214,10 +214,10 @@ def kill_group(process: asyncio.subprocess.Process) -> None:
 
 @contextlib.asynccontextmanager
 async def running_service(
-    settings: Settings, workdir: Path, **extra: str
+    settings: Settings, workdir: Path, *, port: int | None = None, **extra: str
 ) -> AsyncIterator[RunningService]:
-    """`python -m api` with WORKERS=2 on a free loopback port; stopped (or killed) on exit."""
-    port = free_port()
+    """`python -m api` with WORKERS=2 on `port` (default: a free one); stopped on exit."""
+    port = port or free_port()
     metrics_dir = workdir / f"metrics-{port}"
     metrics_dir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"service-{port}.log"
