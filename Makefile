@@ -42,7 +42,7 @@ PGBOUNCER_MODULES := tests/test_orders.py tests/test_idempotency.py tests/test_e
 
 test: services test-tools lint ## lint, then the whole suite (and the database modules through PgBouncer)
 	@uv run --frozen pytest
-	@uv run --frozen pytest --postgres-via=pgbouncer $(PGBOUNCER_MODULES)
+	@uv run --frozen pytest --postgres-via=pgbouncer -m "not faults" $(PGBOUNCER_MODULES)
 
 bench: services ## the benchmark: wrk against the service and a reference app
 	@uv sync --frozen --quiet --group bench
