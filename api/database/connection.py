@@ -270,7 +270,8 @@ async def raw_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connectio
     goes straight to asyncpg's prepared-statement cache. Use it for one statement in
     autocommit (its own transaction); the connection must go back idle. A connection that
     PostgreSQL closed is never handed out, and one left in an unknown state by an error
-    that is not PostgreSQL's own answer is discarded instead of returned.
+    that is not PostgreSQL's own answer, or ended by one (`ends_the_connection`), is
+    discarded instead of returned.
     """
     fairy = await _checkout(engine)
     while (conn := fairy.driver_connection) is None or conn.is_closed():
