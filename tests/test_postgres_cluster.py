@@ -271,3 +271,46 @@ async def test_writes_follow_a_primary_failover_and_no_acknowledged_order_is_los
         assert {row["id"] for row in rows} == expected, "every order answered 201 exists"
         assert len(rows) == ORDERS, "and no other: a retried key never made a second order"
         assert all(row["events"] == 1 for row in rows), "each with exactly one event"
+
+
+async def test_a_primary_turned_read_only_is_left_for_the_promoted_standby(
+    cluster: PrivateCluster,
+) -> None:
+    """A fenced primary (read-only, still up): 503 while no node takes writes, never a 500."""
+    assert cluster.primary is not None
+    assert cluster.standby is not None
+    async with cluster_settings(f"{PRIMARY},{STANDBY}") as settings:
+        user = await cluster_user(settings)
+        app = create_app(settings)
+        async with LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager:
+            transport = httpx.ASGITransport(app=manager.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+
+                async def place(count: int) -> list[int]:
+                    responses = await asyncio.gather(
+                        *(
+                            client.post("/v1/orders", json=order_payload(), headers=user.headers)
+                            for _ in range(count)
+                        )
+                    )
+                    return [response.status_code for response in responses]
+
+                assert await place(20) == [201] * 20  # the pools hold connections to the primary
+                cluster.psql(cluster.primary, "ALTER SYSTEM SET default_transaction_read_only = on")
+                cluster.psql(cluster.primary, "SELECT pg_reload_conf()")
+                await asyncio.sleep(0.5)  # the reload reaches every backend
+                fenced = await place(20) + await place(20)
+                assert set(fenced) == {503}, fenced
+                unready = await client.get("/ping/ready")
+                assert unready.status_code == 503
+
+                await asyncio.to_thread(cluster.standby.promote)
+                promoted_at = time.monotonic()
+                statuses: list[int] = []
+                while time.monotonic() - promoted_at < 5 and 201 not in statuses:
+                    statuses = await place(4)
+                    assert set(statuses) <= {201, 503}, statuses
+                assert 201 in statuses, "writing again within 5 s of the promotion"
+                assert await place(20) == [201] * 20
+                ready = await client.get("/ping/ready")
+                assert ready.json()["checks"]["postgres"]["host"] == STANDBY
