@@ -77,10 +77,29 @@ async def cluster_settings(hosts: str, **overrides: Any) -> AsyncIterator[Settin
         await admin.close()
     direct = settings.model_copy(update={"POSTGRES_HOSTS": [PRIMARY]})
     await asyncio.to_thread(command.upgrade, _alembic_config(direct), "head")
+    await standby_caught_up()
     try:
         yield settings
     finally:
         await delete_rabbit_names(settings)
+
+
+async def standby_caught_up(timeout: float = 30) -> None:
+    """Until the standby has replayed everything the primary wrote (the new database too).
+
+    Synchronous replication waits for the standby's flush, not its replay.
+    """
+    primary = await asyncpg.connect(host="127.0.0.1", port=PRIMARY_PORT, user="postgres")
+    standby = await asyncpg.connect(host="127.0.0.1", port=STANDBY_PORT, user="postgres")
+    try:
+        target = await primary.fetchval("SELECT pg_current_wal_lsn()")
+        deadline = time.monotonic() + timeout
+        while await standby.fetchval("SELECT pg_last_wal_replay_lsn() < $1", target):
+            assert time.monotonic() < deadline, "the standby did not catch up"
+            await asyncio.sleep(0.05)
+    finally:
+        await primary.close()
+        await standby.close()
 
 
 async def cluster_user(settings: Settings) -> TestUser:
