@@ -41,6 +41,9 @@ class PostgresPooler(StrEnum):
     PGBOUNCER = "pgbouncer"
 
 
+_NOT_HOST_PORT = "every entry must be host[:port], the port 1-65535"
+
+
 @dataclass(frozen=True, slots=True)
 class HostPort:
     host: str
@@ -58,12 +61,12 @@ class HostPort:
             host, _, rest = raw[1:].partition("]")
             if rest:
                 if not rest.startswith(":"):
-                    raise ValueError(f"{raw!r} is not host[:port]")
+                    raise ValueError(_NOT_HOST_PORT)
                 port = rest[1:]
         elif raw.count(":") == 1:
             host, port = raw.split(":")
         if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise ValueError(f"{raw!r} is not host[:port]")
+            raise ValueError(_NOT_HOST_PORT)
         return cls(host, int(port))
 
 
