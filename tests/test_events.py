@@ -29,7 +29,7 @@ from api.helpers.enums import OrderStatus
 from api.helpers.orjson_coder import dumps, loads
 from api.rabbit_core.client import RabbitClient
 from api.relay import OutboxRelay
-from api.relay.notifications import LISTEN_APPLICATION_NAME
+from api.relay.notifications import LISTEN_APPLICATION_NAME, listen_state
 from api.services.orders import transition_order
 from tests.event_helpers import (
     Observer,
@@ -383,6 +383,7 @@ async def test_relay_polls_and_says_so_when_no_listen_host_is_reachable(
             lambda seen: {m.message_id for m in seen.messages} >= events, timeout=10
         )
         assert await _listener_pids(scratch) == []
+        assert listen_state() == "polling"  # what /ping/ready shows as relay_wakeup
     failures = REGISTRY.get_sample_value("outbox_listen_failures_total") or 0.0
     assert failures > failures_before
 

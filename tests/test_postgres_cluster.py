@@ -138,9 +138,16 @@ async def test_a_standby_listed_first_is_skipped_for_writes(cluster: PrivateClus
                     )
                 )
                 assert [r.status_code for r in responses] == [201] * 20, responses[0].text
-                ready = await client.get("/ping/ready")
+                deadline = time.monotonic() + 10
+                while True:  # the relay's LISTEN connects in the background
+                    ready = await client.get("/ping/ready")
+                    check = ready.json()["checks"]["postgres"]
+                    if check.get("relay_wakeup") == "listening" or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.1)
             assert ready.status_code == 200, ready.text
-            assert ready.json()["checks"]["postgres"]["host"] == PRIMARY
+            assert check["host"] == PRIMARY
+            assert check["relay_wakeup"] == "listening"
             ids = {r.json()["id"] for r in responses}
             await observer.wait_for(lambda seen: {m["subject"] for m in seen.bodies()} >= ids)
             # Every connection, the relay's LISTEN included, is on the primary; none stays

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -23,11 +24,25 @@ from api.metrics import OUTBOX_LISTEN_FAILURES
 
 logger = logging.getLogger(__name__)
 
+# The started listeners of this process, for `listen_state`.
+_RUNNING: weakref.WeakSet[OutboxNotifications] = weakref.WeakSet()
+
 CHANNEL = "orders_outbox"
 LISTEN_APPLICATION_NAME = "orders-api-relay-listen"
 # How often an idle LISTEN connection is checked; a half-open socket is noticed this late.
 HEALTH_CHECK_INTERVAL = 15.0
 MAX_RECONNECT_DELAY = 10.0
+
+
+def listen_state() -> str | None:
+    """`listening`, or `polling` while a relay of this process has no LISTEN connection.
+
+    None when this process runs no relay. Shown in `/ping/ready`.
+    """
+    running = [listener for listener in _RUNNING if listener._task is not None]
+    if not running:
+        return None
+    return "listening" if all(listener.connected for listener in running) else "polling"
 
 
 class OutboxNotifications:
@@ -41,8 +56,10 @@ class OutboxNotifications:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._listen_forever(), name="outbox-listen")
+        _RUNNING.add(self)
 
     async def close(self) -> None:
+        _RUNNING.discard(self)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -13,6 +13,7 @@ from sqlalchemy import text
 from api.database.connection import connected_node
 from api.helpers.orjson_coder import ORJSONResponse
 from api.metrics import render_metrics
+from api.relay.notifications import listen_state
 from api.state import get_state
 
 router = APIRouter(tags=["ops"])
@@ -68,8 +69,12 @@ async def ready(request: Request) -> Response:
         async with state["engine"].connect() as conn:
             await conn.execute(text("SELECT 1"))
             raw = await conn.get_raw_connection()
-            # The node of POSTGRES_HOSTS (or the pooler) this process writes to.
-            return {"host": str(connected_node(raw.driver_connection))}
+            # The node of POSTGRES_HOSTS (or the pooler) this process writes to, and whether
+            # its relay is woken by LISTEN or (degraded) only polls.
+            extra: dict[str, Any] = {"host": str(connected_node(raw.driver_connection))}
+            if (listen := listen_state()) is not None:
+                extra["relay_wakeup"] = listen
+            return extra
 
     async def redis() -> None:
         await state["redis"].ping()
