@@ -126,7 +126,7 @@ async def test_a_standby_listed_first_is_skipped_for_writes(cluster: PrivateClus
         user = await cluster_user(settings)
         app = create_app(settings)
         async with (
-            observe_events(settings) as observer,
+            observe_events(settings, robust=True) as observer,
             LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager,
         ):
             transport = httpx.ASGITransport(app=manager.app)
@@ -219,7 +219,7 @@ async def test_writes_follow_a_primary_failover_and_no_acknowledged_order_is_los
         keys = [f"failover-{index}" for index in range(ORDERS)]
         record = LoadRecord()
         async with (
-            observe_events(settings) as observer,
+            observe_events(settings, robust=True) as observer,
             running_service(
                 settings,
                 tmp_path,

@@ -45,6 +45,10 @@ class NoPrimaryError(ConnectionError):
     """No configured node answered as a writable primary (an outage: 503)."""
 
 
+class BrokenConnectionError(ConnectionError):
+    """A pooled connection the server already ended (an outage: 503)."""
+
+
 # A node that cannot take this connection now, so the next one is tried: refused or
 # unreachable, starting up or shutting down, or a standby (not read-write). Anything
 # else (a wrong password, a missing database) is a misconfiguration and is raised.
@@ -144,7 +148,13 @@ def ends_the_connection(exc: BaseException | None) -> bool:
     read-only means the node is no longer the primary (demoted or fenced).
     """
     while exc is not None:
-        if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.ReadOnlySQLTransactionError):
+        if isinstance(
+            exc,
+            asyncpg.PostgresConnectionError
+            | asyncpg.ReadOnlySQLTransactionError
+            # A connection left mid-operation (see `raw_connection`).
+            | asyncpg.InternalClientError,
+        ):
             return True
         if getattr(exc, "severity_en", None) in _FATAL or getattr(exc, "severity", None) in _FATAL:
             return True
@@ -280,6 +290,13 @@ async def raw_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connectio
         fairy = await _checkout(engine)
     try:
         yield conn
+    except asyncpg.InternalClientError as exc:
+        # The connection was mid-operation when we got it: an idle connection that
+        # received the server's FATAL goodbye (a dead postmaster, a shutdown) is left
+        # consuming that error until its socket's end is read, and looks open until then.
+        # Nothing was sent; the request meets a dying server, so it is a 503.
+        await greenlet_spawn(fairy.invalidate)
+        raise BrokenConnectionError("the pooled PostgreSQL connection is unusable") from exc
     except asyncpg.PostgresError as exc:
         if ends_the_connection(exc):
             # The server went away, or the node stopped taking writes: never reuse it.
