@@ -5,7 +5,7 @@ SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 export PATH := $(HOME)/.local/bin:$(PATH)
 
-.PHONY: help uv sync services migrate run demo clean cli test lint fmt bench fuzz compose-test
+.PHONY: help uv sync services migrate run demo clean cli test test-tools lint fmt bench fuzz compose-test
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -43,8 +43,15 @@ fmt: sync ## format and autofix
 	@uv run --frozen ruff format .
 	@uv run --frozen ruff check --fix .
 
-test: services lint ## lint, then the whole suite against the real services
+test-tools: ## the private servers' binaries the suite needs (installs PgBouncer when missing)
+	@scripts/test-tools.sh
+
+# The second run: the database modules again, through a private PgBouncer (transaction mode).
+PGBOUNCER_MODULES := tests/test_orders.py tests/test_idempotency.py tests/test_events.py
+
+test: services test-tools lint ## lint, then the whole suite (and the database modules through PgBouncer)
 	@uv run --frozen pytest
+	@uv run --frozen pytest --postgres-via=pgbouncer -m "not faults" $(PGBOUNCER_MODULES)
 
 bench: services ## the benchmark: wrk against the service and a reference app
 	@uv sync --frozen --quiet --group bench

@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import update
 
 from api.configs import AppEnv, Settings, load_settings
-from api.database.connection import create_engine
+from api.database.connection import NoPrimaryError, connect_primary, create_engine
 from api.helpers.enums import UserRole
 from api.models import User
 from api.rabbit_core.topology import TopologyNames
@@ -37,14 +37,8 @@ class CommandFailed(Exception):
 
 
 async def _connect_maintenance_db(settings: Settings) -> asyncpg.Connection:
-    return await asyncpg.connect(
-        host=settings.POSTGRES_HOST,
-        port=settings.POSTGRES_PORT,
-        user=settings.POSTGRES_USER,
-        password=settings.POSTGRES_PASSWORD.get_secret_value() or None,
-        database="postgres",
-        timeout=settings.POSTGRES_CONNECT_TIMEOUT,
-    )
+    # On the primary of POSTGRES_HOSTS: a standby can neither create nor drop a database.
+    return await connect_primary(settings, database="postgres")
 
 
 def _quoted(identifier: str) -> str:
@@ -53,7 +47,7 @@ def _quoted(identifier: str) -> str:
 
 
 async def create_database(settings: Settings) -> str:
-    """Create POSTGRES_DB when it does not exist yet (connecting to `postgres`)."""
+    """Create POSTGRES_DB when it does not exist yet (connecting to `postgres` on the primary)."""
     conn = await _connect_maintenance_db(settings)
     try:
         exists = await conn.fetchval(
@@ -258,6 +252,9 @@ def explain(exc: BaseException, settings: Settings) -> str:
     for cause in _causes(exc):
         if isinstance(cause, CommandFailed):
             return str(cause)
+        if isinstance(cause, NoPrimaryError) and len(settings.postgres_hosts) > 1:
+            # Each node's reason is in the message; with one node its cause says it better.
+            return f"{cause} ({COMPOSE_HINT})"
         if isinstance(cause, asyncpg.InvalidCatalogNameError):
             return (
                 f"database {settings.POSTGRES_DB!r} does not exist on {settings.POSTGRES_HOST}:"

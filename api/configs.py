@@ -40,6 +40,45 @@ class AppEnv(StrEnum):
     PRODUCTION = "production"
 
 
+class PostgresPooler(StrEnum):
+    """What sits between the service and PostgreSQL."""
+
+    NONE = "none"
+    # PgBouncer in transaction pooling mode: no session state survives a transaction.
+    PGBOUNCER = "pgbouncer"
+
+
+_NOT_HOST_PORT = "every entry must be host[:port], the port 1-65535"
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, raw: str, default_port: int | None = None) -> HostPort:
+        """`host:port` or `[v6]:port`; also `host` or `[v6]` when there is a default port."""
+        raw = raw.strip()
+        host, port = raw, "" if default_port is None else str(default_port)
+        if raw.startswith("["):
+            host, _, rest = raw[1:].partition("]")
+            if rest:
+                if not rest.startswith(":"):
+                    raise ValueError(_NOT_HOST_PORT)
+                port = rest[1:]
+        elif raw.count(":") == 1:
+            host, port = raw.split(":")
+        if not port and default_port is None:
+            raise ValueError("expected 'host:port' (the port is required)")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(_NOT_HOST_PORT)
+        return cls(host, int(port))
+
+
 @dataclass(frozen=True, slots=True)
 class RateLimitPolicy:
     """A token bucket: `quota` tokens refilled evenly over `window` seconds."""
@@ -68,30 +107,6 @@ def _split_csv(value: object) -> object:
 CsvList = Annotated[list[str], NoDecode]
 
 
-def _host_port(entry: str, default_port: int | None = None) -> tuple[str, int]:
-    """`host:port` or `[v6]:port` (`host`, `[v6]` too when there is a default port); a bad
-    entry raises ValueError naming it."""
-    entry = entry.strip()
-    if entry.startswith("["):
-        host, _, rest = entry[1:].partition("]")
-        port_text = rest.removeprefix(":") if rest else ""
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"bad host {entry!r}")
-    elif entry.count(":") == 1:
-        host, port_text = entry.split(":")
-    else:
-        host, port_text = entry, ""
-    if not host:
-        raise ValueError(f"bad host {entry!r}")
-    if not port_text:
-        if default_port is None:
-            raise ValueError(f"expected 'host:port', got {entry!r}")
-        return host, default_port
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"bad port in {entry!r}")
-    return host, int(port_text)
-
-
 class Settings(BaseSettings):
     """Every knob of the service; names are those of `.env.local`."""
 
@@ -112,6 +127,13 @@ class Settings(BaseSettings):
 
     POSTGRES_HOST: str = "127.0.0.1"
     POSTGRES_PORT: int = Field(default=5432, ge=1, le=65535)
+    # `host[:port]` of every node, tried in order for one that accepts writes (libpq's
+    # target_session_attrs=read-write); overrides POSTGRES_HOST/POSTGRES_PORT.
+    POSTGRES_HOSTS: CsvList = Field(default_factory=list)
+    POSTGRES_POOLER: PostgresPooler = PostgresPooler.NONE
+    # `host[:port]` list for the relay's LISTEN connection, which must bypass a
+    # transaction pooler. Empty: the primary found through the hosts above.
+    POSTGRES_LISTEN_HOST: CsvList = Field(default_factory=list)
     POSTGRES_DB: str = Field(default="orders", min_length=1, max_length=63)
     POSTGRES_USER: str = "postgres"
     POSTGRES_PASSWORD: SecretStr = SecretStr("")
@@ -209,6 +231,8 @@ class Settings(BaseSettings):
         "REDIRECT_SERVICES",
         "REDIS_NODES",
         "RMQ_HOSTS",
+        "POSTGRES_HOSTS",
+        "POSTGRES_LISTEN_HOST",
         mode="before",
     )
     @classmethod
@@ -222,11 +246,12 @@ class Settings(BaseSettings):
             ip_network(entry, strict=False)
         return value
 
-    @field_validator("RMQ_HOSTS")
+    @field_validator("RMQ_HOSTS", "POSTGRES_HOSTS", "POSTGRES_LISTEN_HOST")
     @classmethod
-    def _rmq_hosts(cls, value: list[str]) -> list[str]:
+    def _host_list(cls, value: list[str]) -> list[str]:
+        # The port may be left out (RMQ_PORT / POSTGRES_PORT then); any default checks the rest.
         for entry in value:
-            _host_port(entry, 5672)
+            HostPort.parse(entry, 5432)
         return value
 
     @field_validator("RATE_LIMIT_DEFAULT", "RATE_LIMIT_AUTH", "RATE_LIMIT_ORDERS_CREATE")
@@ -249,7 +274,7 @@ class Settings(BaseSettings):
     @classmethod
     def _nodes(cls, value: list[str]) -> list[str]:
         for node in value:
-            _host_port(node)
+            HostPort.parse(node)
         return value
 
     @model_validator(mode="after")
@@ -295,19 +320,37 @@ class Settings(BaseSettings):
 
     @property
     def redis_nodes(self) -> list[tuple[str, int]]:
-        return [_host_port(node) for node in self.REDIS_NODES]
+        return [(node.host, node.port) for node in map(HostPort.parse, self.REDIS_NODES)]
 
     @property
     def trusted_proxy_networks(self) -> list[IPv4Network | IPv6Network]:
         return [ip_network(entry, strict=False) for entry in self.TRUSTED_PROXIES]
 
+    @property
+    def postgres_hosts(self) -> list[HostPort]:
+        """The nodes to try in order: POSTGRES_HOSTS, else POSTGRES_HOST:POSTGRES_PORT."""
+        if self.POSTGRES_HOSTS:
+            return [HostPort.parse(entry, self.POSTGRES_PORT) for entry in self.POSTGRES_HOSTS]
+        return [HostPort(self.POSTGRES_HOST, self.POSTGRES_PORT)]
+
+    @property
+    def postgres_listen_hosts(self) -> list[HostPort]:
+        """POSTGRES_LISTEN_HOST's nodes; empty when the relay should find the primary."""
+        return [HostPort.parse(entry, self.POSTGRES_PORT) for entry in self.POSTGRES_LISTEN_HOST]
+
+    @property
+    def behind_pgbouncer(self) -> bool:
+        return self.POSTGRES_POOLER is PostgresPooler.PGBOUNCER
+
     def postgres_url(self, database: str | None = None) -> URL:
+        """The SQLAlchemy URL of the first node (the engine connects through `connect_primary`)."""
+        first = self.postgres_hosts[0]
         return URL.create(
             "postgresql+asyncpg",
             username=self.POSTGRES_USER,
             password=self.POSTGRES_PASSWORD.get_secret_value() or None,
-            host=self.POSTGRES_HOST,
-            port=self.POSTGRES_PORT,
+            host=first.host,
+            port=first.port,
             database=database or self.POSTGRES_DB,
         )
 
@@ -315,7 +358,10 @@ class Settings(BaseSettings):
     def rabbitmq_nodes(self) -> list[tuple[str, int]]:
         """`(host, port)` of every node to try: `RMQ_HOSTS`, else `RMQ_HOST:RMQ_PORT`."""
         if self.RMQ_HOSTS:
-            return [_host_port(entry, self.RMQ_PORT) for entry in self.RMQ_HOSTS]
+            return [
+                (node.host, node.port)
+                for node in (HostPort.parse(entry, self.RMQ_PORT) for entry in self.RMQ_HOSTS)
+            ]
         return [(self.RMQ_HOST, self.RMQ_PORT)]
 
     def rabbitmq_node_url(self, host: str, port: int) -> str:

@@ -16,10 +16,12 @@ from typing import Any, Literal
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from api.database.connection import connected_node
 from api.database.query.outbox import outbox_backlog_stats
 from api.metrics import DEAD_LETTERED, DEPENDENCY_READY, OUTBOX_BACKLOG, OUTBOX_OLDEST_AGE
 from api.rabbit_core.client import RabbitClient
 from api.redis_core.circuit import describe
+from api.relay.notifications import listen_state
 from api.state import AppState
 
 PROBE_TIMEOUT = 1.0
@@ -28,17 +30,19 @@ Status = Literal["pass", "warn", "fail"]
 Check = dict[str, Any]
 
 
-async def probe(check: Callable[[], Awaitable[Any]]) -> Check:
-    """`{status, latency_ms[, detail]}` of one check, bounded by PROBE_TIMEOUT."""
+async def probe(check: Callable[[], Awaitable[Check | None]]) -> Check:
+    """`{status, latency_ms[, detail]}` of one check, bounded by PROBE_TIMEOUT, with what
+    a passing check adds (the node it reached, say)."""
     started = time.perf_counter()
+    extra: Check | None = None
     try:
-        await asyncio.wait_for(check(), PROBE_TIMEOUT)
+        extra = await asyncio.wait_for(check(), PROBE_TIMEOUT)
     except TimeoutError:
         outcome: Check = {"status": "fail", "detail": f"no answer within {PROBE_TIMEOUT}s"}
     except Exception as exc:  # a probe reports any failure instead of raising it
         outcome = {"status": "fail", "detail": describe(exc)}
     else:
-        outcome = {"status": "pass"}
+        outcome = {"status": "pass", **(extra or {})}
     outcome["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
     return outcome
 
@@ -52,9 +56,16 @@ async def check_dependencies(state: AppState) -> tuple[Status, dict[str, Check]]
     flow until an operator fixes it, so it fails the process too (SPEC §12).
     """
 
-    async def postgres() -> None:
+    async def postgres() -> Check:
         async with state["engine"].connect() as conn:
             await conn.execute(text("SELECT 1"))
+            raw = await conn.get_raw_connection()
+            # The node of POSTGRES_HOSTS (or the pooler) this process writes to, and whether
+            # its relay is woken by LISTEN or (degraded) only polls.
+            extra: Check = {"host": str(connected_node(raw.driver_connection))}
+            if (listen := listen_state()) is not None:
+                extra["relay_wakeup"] = listen
+            return extra
 
     async def redis() -> None:
         # What every request does (the limiter's script on a key's slot), not a PING of

@@ -186,6 +186,9 @@ _UNAVAILABLE_CAUSES = (
     asyncpg.InterfaceError,
     asyncpg.OperatorInterventionError,  # statement_timeout, admin shutdown
     asyncpg.InsufficientResourcesError,
+    # A write on a node that is no longer the primary (demoted or fenced); the
+    # connection is dropped and the next one goes to the primary of POSTGRES_HOSTS.
+    asyncpg.ReadOnlySQLTransactionError,
     OSError,
     TimeoutError,
 )

@@ -94,6 +94,10 @@ OUTBOX_PUBLISHED = Counter(
 OUTBOX_FAILED = Counter(
     "outbox_publish_failures_total", "Outbox publish attempts that failed and will be retried."
 )
+OUTBOX_LISTEN_FAILURES = Counter(
+    "outbox_listen_failures_total",
+    "Times the relay's LISTEN connection to the primary failed; it polls until it is back.",
+)
 STATUS_MESSAGES = Counter(
     "status_messages_total",
     "Status-queue messages by outcome (applied, noop, dead_lettered).",

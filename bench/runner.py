@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from api.configs import Settings
-from bench import checks, environment, noise, profiling, report, servers
+from bench import checks, environment, noise, pgbouncer, profiling, report, servers
 from bench.environment import Database, RunNames, SetupError
 from bench.progress import log
 from bench.reference_app import asyncpg_dsn, create_reference_table
@@ -50,6 +50,8 @@ BUSY_LOAD = 1.0
 # The copies serve reads only; without their relays and consumers, the processes that
 # publish events are those of the measured deployment, as in production.
 BACKGROUND_OFF = {"OUTBOX_RELAY_ENABLED": "false", "STATUS_CONSUMER_ENABLED": "false"}
+# The PgBouncer process's name among the run's servers (it serves no HTTP).
+PGBOUNCER_PROCESS = "pgbouncer_process"
 
 
 class ConfigError(ValueError):
@@ -219,6 +221,19 @@ async def measure(run: Run, machine: dict[str, Any]) -> int:
             },
         ),
     }
+    # POST /v1/orders again through a private PgBouncer (transaction mode). The copy has no
+    # relay: the measured service's relay publishes its events, as it does the direct ones.
+    bouncer = pgbouncer.start_pgbouncer(run.settings, run.work_dir)
+    run.servers[PGBOUNCER_PROCESS] = bouncer
+    run.deployments["pgbouncer"] = Deployment(
+        "pgbouncer",
+        config.workers,
+        overrides={
+            "POSTGRES_HOSTS": f"127.0.0.1:{bouncer.port}",
+            "POSTGRES_POOLER": "pgbouncer",
+            **BACKGROUND_OFF,
+        },
+    )
     await start_servers(run)
     inputs = await seed(run, reference_ids)
     scenarios = build_scenarios(
@@ -281,6 +296,8 @@ async def start_servers(run: Run) -> None:
     )
     run.servers["reference"] = servers.start_reference(run.base_env, run.work_dir, workers=workers)
     for name, server in run.servers.items():
+        if name == PGBOUNCER_PROCESS:
+            continue
         await asyncio.to_thread(server.wait_ready, "/json" if name == "reference" else "/ping")
     log("both answer")
 
@@ -379,7 +396,7 @@ async def run_round(
 async def measure_scenario(run: Run, number: int, result: ScenarioResult, inputs: Inputs) -> None:
     """One timed wrk run of the scenario, with the checks around it."""
     scenario = result.scenario
-    writes = scenario.load.body_file is not None and scenario.server == "service"
+    writes = scenario.load.body_file is not None and scenario.server in ("service", "pgbouncer")
     before = await checks.count_orders(run.database, inputs.writer_id) if writes else 0
     sessions = {os.getsid(0), *(server.process.pid for server in run.servers.values())}
     cpu_before = noise.sample(sessions, run.settings.POSTGRES_DB)

@@ -102,6 +102,29 @@ def build_scenarios(inputs: Inputs, *, connections: int, low_connections: int) -
     def cached_get(server: str) -> Load:
         return Load(url=urls[server] + order_path, token=inputs.reader_token)
 
+    def order_create(key: str, title: str, server: str) -> Scenario:
+        return Scenario(
+            key,
+            title,
+            server,
+            Load(
+                url=urls[server] + "/v1/orders",
+                script="post.lua",
+                token=inputs.writer_token,
+                body_file=inputs.body_file,
+            ),
+            Probe(
+                "POST",
+                "/v1/orders",
+                201,
+                {"location": frozenset()},
+                absent=("idempotent-replayed",),
+                request_headers={**writer, "Content-Type": "application/json"},
+                body=inputs.body,
+            ),
+            connections,
+        )
+
     return [
         Scenario(
             "bare_json",
@@ -209,27 +232,8 @@ def build_scenarios(inputs: Inputs, *, connections: int, low_connections: int) -
             ),
             connections,
         ),
-        Scenario(
-            "order_create",
-            "POST /v1/orders",
-            "service",
-            Load(
-                url=urls["service"] + "/v1/orders",
-                script="post.lua",
-                token=inputs.writer_token,
-                body_file=inputs.body_file,
-            ),
-            Probe(
-                "POST",
-                "/v1/orders",
-                201,
-                {"location": frozenset()},
-                absent=("idempotent-replayed",),
-                request_headers={**writer, "Content-Type": "application/json"},
-                body=inputs.body,
-            ),
-            connections,
-        ),
+        order_create("order_create", "POST /v1/orders", "service"),
+        order_create("order_create_pgbouncer", "POST /v1/orders through PgBouncer", "pgbouncer"),
     ]
 
 
@@ -270,6 +274,14 @@ def build_comparisons(low_connections: int, connections: int) -> list[Comparison
             "cached GET on Redis Cluster vs on one Redis",
             "order_cached_cluster",
             "order_cached",
+            0.0,
+        ),
+        # No target in the issue: the price of PgBouncer (a hop, no statement cache).
+        Comparison(
+            "create_pgbouncer",
+            "POST /v1/orders through PgBouncer vs direct",
+            "order_create_pgbouncer",
+            "order_create",
             0.0,
         ),
         # No target in the issue: shown so a regression of the list page is visible.

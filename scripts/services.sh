@@ -76,7 +76,35 @@ ensure() { # name host port starter seconds
   fi
 }
 
-ensure PostgreSQL "$PGHOST_" "$PGPORT_" start_postgres 30
+# POSTGRES_HOSTS (a primary and its standbys): check the nodes, never start a local
+# server for them; create-database and the migrations then run on the primary the
+# service finds among them (target_session_attrs=read-write).
+check_postgres_nodes() {
+  local entry host port up=() down=()
+  IFS=',' read -ra entries <<<"$POSTGRES_HOSTS"
+  for entry in "${entries[@]}"; do
+    entry=${entry//[[:space:]]/}
+    [[ -z "$entry" ]] && continue
+    if [[ "$entry" =~ ^\[(.*)\](:([0-9]+))?$ ]]; then
+      host=${BASH_REMATCH[1]}; port=${BASH_REMATCH[3]:-$PGPORT_}
+    elif [[ "$entry" == *:* ]]; then
+      host=${entry%%:*}; port=${entry##*:}
+    else
+      host=$entry; port=$PGPORT_
+    fi
+    if answers "$host" "$port"; then up+=("$entry"); else down+=("$entry"); fi
+  done
+  ((${#up[@]})) || fail "PostgreSQL (POSTGRES_HOSTS)" "any of ${POSTGRES_HOSTS}"
+  if ((${#down[@]})); then
+    echo "services: PostgreSQL nodes not answering: ${down[*]} (continuing with ${up[*]})" >&2
+  fi
+}
+
+if [[ -n "${POSTGRES_HOSTS:-}" ]]; then
+  check_postgres_nodes
+else
+  ensure PostgreSQL "$PGHOST_" "$PGPORT_" start_postgres 30
+fi
 check_redis_nodes() { # REDIS_MODE: never start a local Redis for REDIS_HOST; one node must answer
   local node host port answered=0
   [[ -n "${REDIS_NODES:-}" ]] || {

@@ -2,11 +2,17 @@
 
 Everything runs against the real PostgreSQL, Redis and RabbitMQ. The schema is
 built by `alembic upgrade head`, exactly as in production.
+
+`--postgres-via=pgbouncer` runs the same tests with the database behind a PgBouncer
+in transaction mode (POSTGRES_POOLER=pgbouncer), in front of a private PostgreSQL,
+with more client processes than PgBouncer has server connections.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -26,6 +32,7 @@ from api.database.connection import create_engine, create_sessionmaker
 from api.main import create_app
 from api.rabbit_core.topology import TopologyNames
 from tests.factories import TestUser, make_user
+from tests.pg_cluster import PGBOUNCER_PORT, PrivateCluster
 from tests.rabbit_cluster import Cluster, start_cluster
 from tests.redis_servers import redis_cluster, redis_sentinel, redis_tls
 
@@ -33,6 +40,25 @@ from tests.redis_servers import redis_cluster, redis_sentinel, redis_tls
 __all__ = ["redis_cluster", "redis_sentinel", "redis_tls"]
 
 RUN_ID = uuid.uuid4().hex[:10]
+# The database endpoint of this run: empty (the configured PostgreSQL) or PgBouncer's.
+POSTGRES_ENDPOINT: dict[str, Any] = {}
+PGBOUNCER_CLIENT_PROCESSES = 3
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--postgres-via",
+        choices=("direct", "pgbouncer"),
+        default="direct",
+        help="reach PostgreSQL directly, or through a private PgBouncer in transaction mode",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--postgres-via") == "pgbouncer":
+        POSTGRES_ENDPOINT.update(
+            POSTGRES_HOST="127.0.0.1", POSTGRES_PORT=PGBOUNCER_PORT, POSTGRES_POOLER="pgbouncer"
+        )
 
 
 def run_settings(**overrides: Any) -> Settings:
@@ -50,6 +76,7 @@ def run_settings(**overrides: Any) -> Settings:
         "RATE_LIMIT_ORDERS_CREATE": "100000/60",
         "ENV_ALLOWED_ORIGINS": "http://storefront.test",
         "LOGLEVEL": "INFO",
+        **POSTGRES_ENDPOINT,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
@@ -71,9 +98,58 @@ def _alembic_config(settings: Settings) -> Config:
     return config
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_postgres() -> Iterator[PrivateCluster | None]:
+    """With `--postgres-via=pgbouncer`: a private primary and a PgBouncer in front of it."""
+    if not POSTGRES_ENDPOINT:
+        yield None
+        return
+    cluster = PrivateCluster()
+    try:
+        cluster.start_primary(synchronous=False)
+        cluster.start_pgbouncer()
+        yield cluster
+    finally:
+        cluster.stop_all()
+
+
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     return run_settings()
+
+
+@contextlib.asynccontextmanager
+async def pgbouncer_clients(settings: Settings) -> AsyncIterator[None]:
+    """Through PgBouncer: other client processes share its few server connections meanwhile.
+
+    Each runs transactions (an advisory transaction lock, SET LOCAL, a raw statement) on
+    this run's database in a loop and exits on the first error, which fails the run.
+    """
+    from tests.event_helpers import settings_env
+
+    processes = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.pgbouncer_client",
+            env=settings_env(settings),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for _ in range(PGBOUNCER_CLIENT_PROCESSES)
+    ]
+    try:
+        yield
+    finally:
+        failures = []
+        for process in processes:
+            if process.returncode is None:
+                process.terminate()
+                await process.wait()
+            else:
+                assert process.stderr is not None
+                failures.append((await process.stderr.read()).decode(errors="replace"))
+        assert not failures, f"a PgBouncer client process failed: {failures[0][-3000:]}"
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +162,10 @@ async def database(settings: Settings) -> AsyncIterator[str]:
         await conn.close()
     # env.py runs its own event loop, so the migration runs in a thread.
     await asyncio.to_thread(command.upgrade, _alembic_config(settings), "head")
-    yield settings.POSTGRES_DB
+    async with contextlib.AsyncExitStack() as stack:
+        if POSTGRES_ENDPOINT:
+            await stack.enter_async_context(pgbouncer_clients(settings))
+        yield settings.POSTGRES_DB
     conn = await _admin_connection(settings)
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{settings.POSTGRES_DB}" WITH (FORCE)')

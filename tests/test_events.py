@@ -20,6 +20,7 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
+from prometheus_client import REGISTRY
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.configs import Settings
@@ -29,7 +30,7 @@ from api.helpers.enums import OrderStatus
 from api.helpers.orjson_coder import dumps, loads
 from api.rabbit_core.client import RabbitClient
 from api.relay import OutboxRelay
-from api.relay.notifications import LISTEN_APPLICATION_NAME
+from api.relay.notifications import LISTEN_APPLICATION_NAME, listen_state
 from api.services.orders import transition_order
 from tests.event_helpers import (
     Observer,
@@ -363,6 +364,29 @@ async def test_relay_wakes_on_notify_and_listens_again_after_its_connection_drop
         await observer.wait_for(
             lambda seen: {m.message_id for m in seen.messages} >= first | second, timeout=10
         )
+
+
+async def test_relay_polls_and_says_so_when_no_listen_host_is_reachable(
+    settings: Settings,
+) -> None:
+    # POSTGRES_LISTEN_HOST names a port nothing listens on: only polling can publish.
+    failures_before = REGISTRY.get_sample_value("outbox_listen_failures_total") or 0.0
+    async with (
+        scratch_events_environment(settings) as scratch,
+        observe_events(scratch) as observer,
+        running_relay(scratch, POSTGRES_LISTEN_HOST=["127.0.0.1:1"], OUTBOX_POLL_INTERVAL=0.2) as (
+            _relay,
+            sessionmaker,
+        ),
+    ):
+        events = await insert_backlog(sessionmaker, 5)
+        await observer.wait_for(
+            lambda seen: {m.message_id for m in seen.messages} >= events, timeout=10
+        )
+        assert await _listener_pids(scratch) == []
+        assert listen_state() == "polling"  # what /ping/ready shows as relay_wakeup
+    failures = REGISTRY.get_sample_value("outbox_listen_failures_total") or 0.0
+    assert failures > failures_before
 
 
 async def test_unroutable_event_is_a_failure_not_a_silent_confirm(settings: Settings) -> None:

@@ -38,7 +38,13 @@ def _load_settings_in_subprocess(**env: str) -> subprocess.CompletedProcess[str]
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("POSTGRES_PORT", "not-a-port"), ("RATE_LIMIT_AUTH", "ten per minute"), ("WORKERS", "0")],
+    [
+        ("POSTGRES_PORT", "not-a-port"),
+        ("POSTGRES_HOSTS", "db1:5432,db2:not-a-port"),
+        ("POSTGRES_POOLER", "pgpool-ii"),
+        ("RATE_LIMIT_AUTH", "ten per minute"),
+        ("WORKERS", "0"),
+    ],
 )
 def test_bad_value_stops_startup_with_one_line_naming_it(variable: str, value: str) -> None:
     result = _load_settings_in_subprocess(**{variable: value})

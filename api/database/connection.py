@@ -1,14 +1,23 @@
-"""The async engine, the session factory and the one-transaction-per-request dependency."""
+"""Connections to the primary, the async engine, sessions and the per-request transaction.
+
+Every connection (pools, the relay's LISTEN, the CLI, Alembic) is made by
+`connect_primary`: the configured nodes are tried in order and the first that accepts
+writes is kept, libpq's `target_session_attrs=read-write`. Behind PgBouncer in
+transaction mode nothing is left on a server connection between transactions.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import asyncpg
 import orjson
 from fastapi import Depends, Request
+from sqlalchemy import event
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -18,14 +27,180 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
-from api.configs import Settings
+from api.configs import HostPort, Settings
 from api.state import get_state
 
+logger = logging.getLogger(__name__)
 
-def create_engine(settings: Settings, *, database: str | None = None) -> AsyncEngine:
-    """An asyncpg engine whose every connection carries the statement timeout."""
-    timeout_ms = str(int(settings.POSTGRES_TRANSACTION_TIMEOUT * 1000))
-    return create_async_engine(
+APPLICATION_NAME = "orders-api"
+
+
+class NodeConnection(asyncpg.Connection):  # type: ignore[misc]
+    """An asyncpg connection that knows which configured node it reached."""
+
+    node: HostPort | None = None
+
+
+class NoPrimaryError(ConnectionError):
+    """No configured node answered as a writable primary (an outage: 503)."""
+
+
+class BrokenConnectionError(ConnectionError):
+    """A pooled connection the server already ended (an outage: 503)."""
+
+
+# A node that cannot take this connection now, so the next one is tried: refused or
+# unreachable, starting up or shutting down, or a standby (not read-write). Anything
+# else (a wrong password, a missing database) is a misconfiguration and is raised.
+_NEXT_NODE_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.TargetServerAttributeNotMatched,
+)
+
+
+def connect_options(
+    settings: Settings, *, pooled: bool = True, timeouts: bool = True
+) -> dict[str, Any]:
+    """`asyncpg.connect` arguments; `pooled`: the connection goes through POSTGRES_POOLER.
+
+    `timeouts`: statements are bounded by POSTGRES_TRANSACTION_TIMEOUT (not migrations).
+
+    Through PgBouncer (transaction mode) the statement cache is off (a named prepared
+    statement would outlive the transaction on a server connection another client gets
+    next; asyncpg then sends unnamed statements, parsed in the same transaction as they
+    run) and the startup packet carries only `application_name` (PgBouncer refuses other
+    startup parameters). The timeouts then come from the role (README).
+    """
+    options: dict[str, Any] = {
+        "user": settings.POSTGRES_USER,
+        "password": settings.POSTGRES_PASSWORD.get_secret_value() or None,
+        "timeout": settings.POSTGRES_CONNECT_TIMEOUT,
+        "target_session_attrs": "read-write",
+        "connection_class": NodeConnection,
+    }
+    if timeouts:
+        # The client-side bound a little above the server's, so the server's error wins.
+        options["command_timeout"] = settings.POSTGRES_TRANSACTION_TIMEOUT + 1
+    if pooled and settings.behind_pgbouncer:
+        options["statement_cache_size"] = 0
+        options["server_settings"] = {"application_name": APPLICATION_NAME}
+    elif not timeouts:
+        options["server_settings"] = {"application_name": APPLICATION_NAME}
+    else:
+        timeout_ms = str(int(settings.POSTGRES_TRANSACTION_TIMEOUT * 1000))
+        options["server_settings"] = {
+            "application_name": APPLICATION_NAME,
+            "statement_timeout": timeout_ms,
+            "idle_in_transaction_session_timeout": timeout_ms,
+        }
+    return options
+
+
+async def connect_primary(
+    settings: Settings,
+    *,
+    hosts: Sequence[HostPort] | None = None,
+    database: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> NodeConnection:
+    """A connection to the first of `hosts` (default: the configured ones) that takes writes.
+
+    Each node gets the whole POSTGRES_CONNECT_TIMEOUT (asyncpg's own multi-host connect
+    shares one timeout among all nodes, so a black-holed first node would use it all).
+    """
+    options = options if options is not None else connect_options(settings)
+    nodes = list(hosts) if hosts is not None else settings.postgres_hosts
+    failures: list[str] = []
+    last: BaseException | None = None
+    for node in nodes:
+        try:
+            conn = await asyncpg.connect(
+                host=node.host,
+                port=node.port,
+                database=database or settings.POSTGRES_DB,
+                **options,
+            )
+        except _NEXT_NODE_ERRORS as exc:
+            failures.append(f"{node}: {_why_skipped(exc)}")
+            last = exc
+            continue
+        assert isinstance(conn, NodeConnection)
+        conn.node = node
+        return conn
+    raise NoPrimaryError(
+        "no PostgreSQL node accepts writes (" + "; ".join(failures) + ")"
+    ) from last
+
+
+def _why_skipped(exc: BaseException) -> str:
+    if isinstance(exc, asyncpg.TargetServerAttributeNotMatched):
+        return "read-only"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return type(exc).__name__
+
+
+def ends_the_connection(exc: BaseException | None) -> bool:
+    """An error after which the connection must not be reused.
+
+    A FATAL error (the server is going away: a crash, a shutdown, a dead postmaster)
+    ends the session, though the socket may not have closed yet: reused, the connection
+    would still be waiting for the end of the failed statement. A write refused as
+    read-only means the node is no longer the primary (demoted or fenced).
+    """
+    while exc is not None:
+        if isinstance(
+            exc,
+            asyncpg.PostgresConnectionError
+            | asyncpg.ReadOnlySQLTransactionError
+            # A connection left mid-operation (see `raw_connection`).
+            | asyncpg.InternalClientError,
+        ):
+            return True
+        if getattr(exc, "severity_en", None) in _FATAL or getattr(exc, "severity", None) in _FATAL:
+            return True
+        if getattr(exc, "sqlstate", None) == asyncpg.ReadOnlySQLTransactionError.sqlstate:
+            return True
+        exc = exc.__cause__
+    return False
+
+
+_FATAL = ("FATAL", "PANIC")
+
+
+def _invalidate_ended_connections(context: ExceptionContext) -> None:
+    # SQLAlchemy then drops this connection and every one pooled before it, so the next
+    # checkout connects again, to whichever node is the primary by then; the request in
+    # hand gets a 503 (the error is marked connection_invalidated).
+    if ends_the_connection(context.original_exception):
+        context.is_disconnect = True
+
+
+def create_engine(
+    settings: Settings, *, database: str | None = None, timeouts: bool = True
+) -> AsyncEngine:
+    """An asyncpg engine on the current primary, with the statement timeout on every connection.
+
+    `timeouts=False` (migrations): statements run as long as they need.
+    """
+    options = connect_options(settings, timeouts=timeouts)
+
+    async def connect() -> NodeConnection:
+        return await connect_primary(settings, database=database, options=options)
+
+    def creator() -> Any:
+        # `async_creator` would not pass the adapter's own argument; this is the form
+        # SQLAlchemy's `create_async_engine` uses for it.
+        return engine.dialect.loaded_dbapi.connect(
+            async_creator_fn=connect,
+            # SQLAlchemy's own prepared-statement cache: off behind PgBouncer, as asyncpg's.
+            prepared_statement_cache_size=0 if settings.behind_pgbouncer else 100,
+        )
+
+    engine = create_async_engine(
         settings.postgres_url(database),
         echo=settings.POSTGRES_ECHO,
         # Statement parameters (password hashes, tokens) never reach logs or tracebacks.
@@ -39,17 +214,15 @@ def create_engine(settings: Settings, *, database: str | None = None) -> AsyncEn
         # (the dialect installs these as the asyncpg connection's codecs).
         json_serializer=_json_text,
         json_deserializer=orjson.loads,
-        connect_args={
-            "timeout": settings.POSTGRES_CONNECT_TIMEOUT,
-            # The client-side bound a little above the server's, so the server's error wins.
-            "command_timeout": settings.POSTGRES_TRANSACTION_TIMEOUT + 1,
-            "server_settings": {
-                "application_name": "orders-api",
-                "statement_timeout": timeout_ms,
-                "idle_in_transaction_session_timeout": timeout_ms,
-            },
-        },
+        creator=creator,
     )
+    event.listen(engine.sync_engine, "handle_error", _invalidate_ended_connections)
+    return engine
+
+
+def connected_node(conn: asyncpg.Connection | None) -> HostPort | None:
+    """The configured node a pooled connection reached."""
+    return conn.node if isinstance(conn, NodeConnection) else None
 
 
 def _json_text(value: Any) -> str:
@@ -111,7 +284,8 @@ async def raw_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connectio
     goes straight to asyncpg's prepared-statement cache. Use it for one statement in
     autocommit (its own transaction); the connection must go back idle. A connection that
     PostgreSQL closed is never handed out, and one left in an unknown state by an error
-    that is not PostgreSQL's own answer is discarded instead of returned.
+    that is not PostgreSQL's own answer, or ended by one (`ends_the_connection`), is
+    discarded instead of returned.
     """
     fairy = await _checkout(engine)
     while (conn := fairy.driver_connection) is None or conn.is_closed():
@@ -120,8 +294,19 @@ async def raw_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connectio
         fairy = await _checkout(engine)
     try:
         yield conn
-    except asyncpg.PostgresError:
-        await greenlet_spawn(fairy.close)
+    except asyncpg.InternalClientError as exc:
+        # The connection was mid-operation when we got it: an idle connection that
+        # received the server's FATAL goodbye (a dead postmaster, a shutdown) is left
+        # consuming that error until its socket's end is read, and looks open until then.
+        # Nothing was sent; the request meets a dying server, so it is a 503.
+        await greenlet_spawn(fairy.invalidate)
+        raise BrokenConnectionError("the pooled PostgreSQL connection is unusable") from exc
+    except asyncpg.PostgresError as exc:
+        if ends_the_connection(exc):
+            # The server went away, or the node stopped taking writes: never reuse it.
+            await greenlet_spawn(fairy.invalidate)
+        else:
+            await greenlet_spawn(fairy.close)
         raise
     except BaseException:
         await greenlet_spawn(fairy.invalidate)

@@ -2,7 +2,10 @@
 
 The outbox insert trigger runs `pg_notify('orders_outbox', '')`, delivered when the
 writing transaction commits. The connection is reopened whenever it drops (a
-PostgreSQL restart, a network cut); while it is down the relay still polls.
+PostgreSQL restart, a failover, a network cut); while it is down the relay still polls.
+It goes to the primary directly: POSTGRES_LISTEN_HOST, else the first writable node of
+POSTGRES_HOSTS, or, behind PgBouncer (whose transaction pooling cannot carry a
+LISTEN), the address of the server PgBouncer itself writes to.
 """
 
 from __future__ import annotations
@@ -10,21 +13,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
-import asyncpg
-
-from api.configs import Settings
+from api.configs import HostPort, Settings
+from api.database.connection import connect_options, connect_primary
 from api.helpers.backoff import Backoff, reconnect_forever
+from api.metrics import OUTBOX_LISTEN_FAILURES
 
 logger = logging.getLogger(__name__)
+
+# The started listeners of this process, for `listen_state`.
+_RUNNING: weakref.WeakSet[OutboxNotifications] = weakref.WeakSet()
 
 CHANNEL = "orders_outbox"
 LISTEN_APPLICATION_NAME = "orders-api-relay-listen"
 # How often an idle LISTEN connection is checked; a half-open socket is noticed this late.
 HEALTH_CHECK_INTERVAL = 15.0
 MAX_RECONNECT_DELAY = 10.0
+
+
+def listen_state() -> str | None:
+    """`listening`, or `polling` while a relay of this process has no LISTEN connection.
+
+    None when this process runs no relay. Shown in `/ping/ready`.
+    """
+    running = [listener for listener in _RUNNING if listener._task is not None]
+    if not running:
+        return None
+    return "listening" if all(listener.connected for listener in running) else "polling"
 
 
 class OutboxNotifications:
@@ -38,8 +56,10 @@ class OutboxNotifications:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._listen_forever(), name="outbox-listen")
+        _RUNNING.add(self)
 
     async def close(self) -> None:
+        _RUNNING.discard(self)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -48,25 +68,42 @@ class OutboxNotifications:
 
     async def _connect(self) -> Any:
         settings = self._settings
-        return await asyncpg.connect(
-            host=settings.POSTGRES_HOST,
-            port=settings.POSTGRES_PORT,
-            user=settings.POSTGRES_USER,
-            password=settings.POSTGRES_PASSWORD.get_secret_value() or None,
-            database=settings.POSTGRES_DB,
-            timeout=settings.POSTGRES_CONNECT_TIMEOUT,
-            server_settings={"application_name": LISTEN_APPLICATION_NAME},
-        )
+        hosts = settings.postgres_listen_hosts
+        if not hosts and settings.behind_pgbouncer:
+            hosts = [await self._primary_behind_pooler()]
+        options = connect_options(settings, pooled=False, timeouts=False)
+        options["server_settings"] = {"application_name": LISTEN_APPLICATION_NAME}
+        return await connect_primary(settings, hosts=hosts or None, options=options)
+
+    async def _primary_behind_pooler(self) -> HostPort:
+        """The address of the PostgreSQL server PgBouncer connects this service to."""
+        conn = await connect_primary(self._settings)
+        try:
+            row = await conn.fetchrow(
+                "SELECT host(inet_server_addr()) AS host, inet_server_port() AS port"
+            )
+        finally:
+            await conn.close()
+        if row is None or row["host"] is None:
+            raise ConnectionError("PgBouncer reaches PostgreSQL over a Unix socket")
+        return HostPort(row["host"], row["port"])
 
     async def _listen_forever(self) -> None:
         # Never stopped from inside: `close()` cancels the task.
         await reconnect_forever(
-            self._listen_once,
+            self._listen_counted,
             name="outbox listen connection (polling meanwhile)",
             logger=logger,
             stop=asyncio.Event(),
             backoff=Backoff(cap=MAX_RECONNECT_DELAY),
         )
+
+    async def _listen_counted(self) -> None:
+        try:
+            await self._listen_once()
+        except Exception:
+            OUTBOX_LISTEN_FAILURES.inc()
+            raise
 
     async def _listen_once(self) -> None:
         """LISTEN until the connection drops; returns or raises when it does."""

@@ -225,7 +225,7 @@ def kill_group(process: asyncio.subprocess.Process) -> None:
 async def running_service(
     settings: Settings, workdir: Path, *, port: int | None = None, **extra: str
 ) -> AsyncIterator[RunningService]:
-    """`python -m api` with WORKERS=2 on a free loopback port; stopped (or killed) on exit."""
+    """`python -m api` with WORKERS=2 on `port` (default: a free one); stopped on exit."""
     port = port or free_port()
     metrics_dir = workdir / f"metrics-{port}"
     metrics_dir.mkdir(parents=True, exist_ok=True)
