@@ -180,13 +180,7 @@ async def test_a_healthy_start_is_quiet_and_its_log_is_plain_json(live: LiveServ
     for line in lines:
         assert "color_message" not in line
         assert "\x1b" not in json.dumps(line, ensure_ascii=False)
-    loud = [
-        line
-        for line in lines
-        if line["level"] in ("WARNING", "ERROR", "CRITICAL")
-        # The relay's warning before the first broker connection is issue 14's to fix.
-        and line["logger"] != "api.relay.outbox_relay"
-    ]
+    loud = [line for line in lines if line["level"] in ("WARNING", "ERROR", "CRITICAL")]
     assert loud == []
 
 

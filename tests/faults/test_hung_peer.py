@@ -20,8 +20,8 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.configs import Settings
+from api.health import PROBE_TIMEOUT
 from api.helpers.orjson_coder import loads
-from api.routers.ping import PROBE_TIMEOUT
 from tests.event_helpers import observe_events
 from tests.factories import TestUser, make_user
 from tests.faults.helpers import (
