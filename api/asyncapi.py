@@ -49,9 +49,11 @@ def _schemas() -> dict[str, Any]:
         ref_template=SCHEMA_REF,
     )
     schemas: dict[str, Any] = top["$defs"]
-    # The envelope always carries its constant fields; pydantic lists only those without defaults.
+    # The envelope always carries its constant fields; pydantic lists only those without
+    # defaults. The distributed-tracing extension is there only when tracing is on.
     envelope = schemas["OrderEvent"]
-    envelope["required"] = list(envelope["properties"])
+    optional = {"traceparent", "tracestate"}
+    envelope["required"] = [name for name in envelope["properties"] if name not in optional]
     return schemas
 
 

@@ -252,9 +252,10 @@ def explain(exc: BaseException, settings: Settings) -> str:
     for cause in _causes(exc):
         if isinstance(cause, CommandFailed):
             return str(cause)
-        if isinstance(cause, NoPrimaryError) and len(settings.postgres_hosts) > 1:
-            # Each node's reason is in the message; with one node its cause says it better.
-            return f"{cause} ({COMPOSE_HINT})"
+        if isinstance(cause, NoPrimaryError):
+            if len(settings.postgres_hosts) > 1:
+                return f"{cause} ({COMPOSE_HINT})"  # each node's reason is in the message
+            continue  # with one node, its cause (refused, no such database...) says it better
         if isinstance(cause, asyncpg.InvalidCatalogNameError):
             return (
                 f"database {settings.POSTGRES_DB!r} does not exist on {settings.POSTGRES_HOST}:"

@@ -32,6 +32,7 @@ import httpx
 from api.configs import Settings
 from bench import checks, environment, noise, pgbouncer, profiling, report, servers
 from bench.environment import Database, RunNames, SetupError
+from bench.otlp_sink import OtlpSink
 from bench.progress import log
 from bench.reference_app import asyncpg_dsn, create_reference_table
 from bench.report import ComparisonResult, ScenarioResult
@@ -234,6 +235,27 @@ async def measure(run: Run, machine: dict[str, Any]) -> int:
             **BACKGROUND_OFF,
         },
     )
+    # The cached read with tracing on, one new trace in ten sampled (SPEC §14), exporting
+    # to a sink in this process.
+    sink = OtlpSink()
+    run.deployments["traced"] = Deployment(
+        "traced",
+        config.workers,
+        overrides={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint,
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.1",
+            **BACKGROUND_OFF,
+        },
+    )
+    try:
+        return await _measure_all(run, machine, reference_ids)
+    finally:
+        sink.stop()
+
+
+async def _measure_all(run: Run, machine: dict[str, Any], reference_ids: list[str]) -> int:
+    config = run.config
     await start_servers(run)
     inputs = await seed(run, reference_ids)
     scenarios = build_scenarios(

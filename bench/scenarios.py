@@ -167,6 +167,14 @@ def build_scenarios(inputs: Inputs, *, connections: int, low_connections: int) -
             connections,
         ),
         Scenario(
+            "order_cached_traced",
+            "GET /v1/orders/{id} cached, tracing on (10 % of traces sampled)",
+            "traced",
+            cached_get("traced"),
+            limited_hit,
+            connections,
+        ),
+        Scenario(
             "order_cached_one_worker",
             "GET /v1/orders/{id} cached, 1 worker",
             "one_worker",
@@ -273,6 +281,14 @@ def build_comparisons(low_connections: int, connections: int) -> list[Comparison
             "cluster",
             "cached GET on Redis Cluster vs on one Redis",
             "order_cached_cluster",
+            "order_cached",
+            0.0,
+        ),
+        # No target in the issue ("quote it"): tracing on with a 10 % sampler.
+        Comparison(
+            "tracing",
+            "cached GET, tracing on (10 % sampled) vs off",
+            "order_cached_traced",
             "order_cached",
             0.0,
         ),
