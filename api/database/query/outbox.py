@@ -90,7 +90,10 @@ PARTITION_LOCK_NAMESPACE = 0x4F42  # "OB"
 # - `oldest`: the oldest :scan unsent rows and their partitions;
 # - `held`: the partitions among them, oldest first, whose transaction-scoped advisory
 #   lock this transaction gets without waiting (at most :max_partitions, so concurrent
-#   relays share the work);
+#   relays share the work). `OFFSET 0` keeps the lock call out of the subquery (the
+#   planner would otherwise push it into the aggregate, where it ran on every candidate
+#   and took every free partition), so the outer LIMIT stops the calls at the
+#   :max_partitions-th lock it gets, oldest partition first;
 # - those rows of `oldest` that are in a held partition, locked, oldest first.
 # `oldest` is a prefix of the unsent rows, so what is claimed of a partition is a prefix
 # of its unsent rows too, and nobody else can claim any of that partition's rows until
@@ -107,9 +110,11 @@ WITH oldest AS MATERIALIZED (
 ),
 held AS MATERIALIZED (
     SELECT partition
-    FROM (SELECT partition, min(id) AS first_id FROM oldest GROUP BY partition) candidates
+    FROM (
+        SELECT partition, min(id) AS first_id FROM oldest GROUP BY partition
+        ORDER BY first_id OFFSET 0
+    ) candidates
     WHERE pg_try_advisory_xact_lock(:namespace, partition)
-    ORDER BY first_id
     LIMIT :max_partitions
 )
 SELECT {", ".join(column.name for column in CLAIMED_COLUMNS)}
