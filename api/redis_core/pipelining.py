@@ -33,9 +33,9 @@ Arg = str | bytes | int | float
 
 # More calls than this in one pass go out as several pipelines, side by side.
 MAX_BATCH = 512
-# A cluster client's slot map (CLUSTER SLOTS, COMMAND on a node), fetched on first use
-# and after a failover, may take longer than one batch's bound on a busy host; it gets
-# a bound of its own instead of failing the first requests into the fallback.
+# The slot map redis-py's cluster client fetches on first use and after a failover may
+# take longer than one batch's bound on a busy host; it gets a bound of its own instead
+# of failing the first requests into the fallback.
 SLOT_MAP_TIMEOUT = 2.0
 # Pipelines in flight at once (each holds a pooled connection per node it reaches);
 # calls made meanwhile wait and leave together when one returns, so a busy process
