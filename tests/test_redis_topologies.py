@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -40,13 +38,7 @@ from api.redis_core.rate_limiter import MemoryBuckets
 from tests.conftest import run_settings
 from tests.factories import TestUser, make_order, make_user
 from tests.faults.helpers import metric_total
-from tests.faults.service import (
-    REPO_ROOT,
-    RunningService,
-    service_env,
-    stop_service,
-    wait_until_serving,
-)
+from tests.faults.service import running_service
 from tests.redis_servers import ClusterServers, SentinelServers, TlsServer, topology_overrides
 
 logger = logging.getLogger(__name__)
@@ -295,37 +287,6 @@ async def test_sentinel_primary_killed_under_load(
 # --- one quota for the fleet -----------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def _service(
-    settings: Settings, port: int, workdir: Path, **extra: str
-) -> AsyncIterator[RunningService]:
-    metrics_dir = workdir / f"metrics-{port}"
-    metrics_dir.mkdir(parents=True, exist_ok=True)
-    log_path = workdir / f"service-{port}.log"
-    with log_path.open("wb") as log:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "api",
-            cwd=REPO_ROOT,
-            env=service_env(settings, port, metrics_dir, **extra),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-        )
-    service = RunningService(process=process, port=port, log_path=log_path, settings=settings)
-    try:
-        # Six workers importing at once on a busy machine: give them time.
-        await wait_until_serving(service, timeout=150)
-        yield service
-    finally:
-        await stop_service(process)
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGKILL)
-
-
 @pytest.mark.timeout(300)
 async def test_three_replicas_of_two_workers_share_one_quota_on_the_cluster(
     database: str,
@@ -352,7 +313,10 @@ async def test_three_replicas_of_two_workers_share_one_quota_on_the_cluster(
     async with contextlib.AsyncExitStack() as stack:
         services = await asyncio.gather(
             *(
-                stack.enter_async_context(_service(settings, port, tmp_path, **extra))
+                stack.enter_async_context(
+                    # Six workers importing at once on a busy machine: give them time.
+                    running_service(settings, tmp_path, port=port, start_timeout=150, **extra)
+                )
                 for port in SERVICE_PORTS
             )
         )

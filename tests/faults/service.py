@@ -223,7 +223,12 @@ def kill_group(process: asyncio.subprocess.Process) -> None:
 
 @contextlib.asynccontextmanager
 async def running_service(
-    settings: Settings, workdir: Path, *, port: int | None = None, **extra: str
+    settings: Settings,
+    workdir: Path,
+    *,
+    port: int | None = None,
+    start_timeout: float = START_TIMEOUT,
+    **extra: str,
 ) -> AsyncIterator[RunningService]:
     """`python -m api` with WORKERS=2 on `port` (default: a free one); stopped on exit."""
     port = port or free_port()
@@ -244,7 +249,7 @@ async def running_service(
         )
     service = RunningService(process=process, port=port, log_path=log_path, settings=settings)
     try:
-        await wait_until_serving(service)
+        await wait_until_serving(service, timeout=start_timeout)
         yield service
     finally:
         await stop_service(process)
