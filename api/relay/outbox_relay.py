@@ -52,6 +52,8 @@ class BatchResult:
     claimed: int
     failed: int
     error: BaseException | None = None
+    # Unsent rows were left unclaimed: claim again now rather than sleep.
+    more: bool = False
 
 
 class OutboxRelay:
@@ -125,6 +127,9 @@ class OutboxRelay:
 
         The leader wakes on a NOTIFY (or every poll interval), keeps the metrics and the
         retention cleanup, and says when a backlog is there; the other lanes wait for that.
+        A lane claims again at once while its claims leave unsent rows behind (a full
+        batch, or rows of partitions it could not take), so a backlog is never left
+        waiting for the poll interval.
         """
         await self._first_connection()
         backoff = Backoff()
@@ -142,7 +147,7 @@ class OutboxRelay:
                 continue
             self._note_success()
             backoff.reset()
-            if result.claimed >= self._batch_size:
+            if result.more or result.claimed >= self._batch_size:
                 if leader:
                     self._backlog.set()
                 continue
@@ -178,7 +183,8 @@ class OutboxRelay:
         if not self._rabbit.is_connected:
             raise RabbitUnavailable("RabbitMQ is not connected")
         async with self._sessionmaker() as session, session.begin():
-            events = await outbox_queries.claim_outbox_batch(session, limit=self._batch_size)
+            claim = await outbox_queries.claim_outbox_batch(session, limit=self._batch_size)
+            events = claim.events
             if not events:
                 return BatchResult(claimed=0, failed=0)
             outcomes = await self._publisher.publish_batch(events)
@@ -192,7 +198,7 @@ class OutboxRelay:
         self.published += len(sent)
         if failed:
             OUTBOX_FAILED.inc(len(failed))
-        return BatchResult(claimed=len(events), failed=len(failed), error=error)
+        return BatchResult(claimed=len(events), failed=len(failed), error=error, more=claim.more)
 
     async def _housekeeping(self) -> None:
         now = time.monotonic()

@@ -94,7 +94,9 @@ PARTITION_LOCK_NAMESPACE = 0x4F42  # "OB"
 #   planner would otherwise push it into the aggregate, where it ran on every candidate
 #   and took every free partition), so the outer LIMIT stops the calls at the
 #   :max_partitions-th lock it gets, oldest partition first;
-# - those rows of `oldest` that are in a held partition, locked, oldest first.
+# - those rows of `oldest` that are in a held partition, locked, oldest first, each with
+#   the number of rows `oldest` found (more than were claimed: work is left for the next
+#   claim, by this relay or another).
 # `oldest` is a prefix of the unsent rows, so what is claimed of a partition is a prefix
 # of its unsent rows too, and nobody else can claim any of that partition's rows until
 # this transaction has published and marked them: an order's event is published only
@@ -117,7 +119,8 @@ held AS MATERIALIZED (
     WHERE pg_try_advisory_xact_lock(:namespace, partition)
     LIMIT :max_partitions
 )
-SELECT {", ".join(column.name for column in CLAIMED_COLUMNS)}
+SELECT {", ".join(column.name for column in CLAIMED_COLUMNS)},
+       (SELECT count(*) FROM oldest) AS scanned
 FROM outbox
 WHERE id IN (SELECT id FROM oldest WHERE partition IN (SELECT partition FROM held))
   AND sent_at IS NULL
@@ -128,7 +131,15 @@ FOR UPDATE
 )
 
 
-async def claim_outbox_batch(session: AsyncSession, *, limit: int) -> list[ClaimedEvent]:
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The events one claim locked, and whether unsent rows were left unclaimed."""
+
+    events: list[ClaimedEvent]
+    more: bool
+
+
+async def claim_outbox_batch(session: AsyncSession, *, limit: int) -> Claim:
     """Lock up to `limit` of the oldest unsent rows of partitions no other relay holds."""
     result = await session.execute(
         _CLAIM,
@@ -141,7 +152,10 @@ async def claim_outbox_batch(session: AsyncSession, *, limit: int) -> list[Claim
             "limit": limit,
         },
     )
-    return [ClaimedEvent(*row) for row in result]
+    rows = result.all()
+    events = [ClaimedEvent(*row[:-1]) for row in rows]
+    # Nothing claimed says nothing of the rest: every partition may be held by others.
+    return Claim(events, more=bool(rows) and rows[0].scanned > len(rows))
 
 
 async def mark_outbox_sent(session: AsyncSession, *, ids: Sequence[int]) -> None:
