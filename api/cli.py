@@ -20,12 +20,17 @@ import aiormq
 import asyncpg
 import orjson
 from redis.exceptions import RedisError
-from sqlalchemy import update
 
 from api.configs import AppEnv, Settings, load_settings
-from api.database.connection import NoPrimaryError, connect_primary, create_engine
+from api.database.connection import (
+    NoPrimaryError,
+    connect_raw,
+    create_engine,
+    create_sessionmaker,
+)
+from api.database.query import databases as database_queries
+from api.database.query import users as user_queries
 from api.helpers.enums import UserRole
-from api.models import User
 from api.rabbit_core.topology import TopologyNames
 from api.redis_core.client import create_redis
 
@@ -38,24 +43,16 @@ class CommandFailed(Exception):
 
 async def _connect_maintenance_db(settings: Settings) -> asyncpg.Connection:
     # On the primary of POSTGRES_HOSTS: a standby can neither create nor drop a database.
-    return await connect_primary(settings, database="postgres")
-
-
-def _quoted(identifier: str) -> str:
-    # Identifiers cannot be bound as parameters; quote it the PostgreSQL way.
-    return '"' + identifier.replace('"', '""') + '"'
+    return await connect_raw(settings, database="postgres")
 
 
 async def create_database(settings: Settings) -> str:
     """Create POSTGRES_DB when it does not exist yet (connecting to `postgres` on the primary)."""
     conn = await _connect_maintenance_db(settings)
     try:
-        exists = await conn.fetchval(
-            "SELECT 1 FROM pg_database WHERE datname = $1", settings.POSTGRES_DB
-        )
-        if exists:
+        if await database_queries.database_exists(conn, name=settings.POSTGRES_DB):
             return f"database {settings.POSTGRES_DB!r} exists"
-        await conn.execute(f"CREATE DATABASE {_quoted(settings.POSTGRES_DB)}")
+        await database_queries.create_database(conn, name=settings.POSTGRES_DB)
         return f"database {settings.POSTGRES_DB!r} created"
     finally:
         await conn.close()
@@ -65,14 +62,10 @@ async def promote_admin(settings: Settings, email: str) -> bool:
     """Give the user with `email` the admin role; False when there is no such user."""
     engine = create_engine(settings)
     try:
-        async with engine.begin() as conn:
-            result = await conn.execute(
-                update(User)
-                .where(User.email == email.strip().lower())
-                .values(role=UserRole.ADMIN.value)
-                .returning(User.id)
+        async with create_sessionmaker(engine)() as session, session.begin():
+            return await user_queries.set_user_role(
+                session, email=email.strip().lower(), role=UserRole.ADMIN
             )
-            return result.first() is not None
     finally:
         await engine.dispose()
 
@@ -201,7 +194,7 @@ async def clean(settings: Settings) -> list[str]:
 
     conn = await _connect_maintenance_db(settings)
     try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {_quoted(settings.POSTGRES_DB)} WITH (FORCE)")
+        await database_queries.drop_database(conn, name=settings.POSTGRES_DB)
     finally:
         await conn.close()
     done.append(f"dropped database {settings.POSTGRES_DB!r}")

@@ -39,10 +39,6 @@ class ProblemError(HTTPException):
         )
         self.errors = list(errors) if errors is not None else None
 
-    @property
-    def title(self) -> str:
-        return HTTPStatus(self.status).phrase
-
 
 class BadRequest(ProblemError):
     status, slug = 400, "bad-request"

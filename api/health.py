@@ -13,11 +13,11 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from api.database.connection import connected_node
 from api.database.query.outbox import outbox_backlog_stats
+from api.database.query.server import ping
 from api.metrics import DEAD_LETTERED, DEPENDENCY_READY, OUTBOX_BACKLOG, OUTBOX_OLDEST_AGE
 from api.rabbit_core.client import RabbitClient
 from api.redis_core.circuit import describe
@@ -58,7 +58,7 @@ async def check_dependencies(state: AppState) -> tuple[Status, dict[str, Check]]
 
     async def postgres() -> Check:
         async with state["engine"].connect() as conn:
-            await conn.execute(text("SELECT 1"))
+            await ping(conn)
             raw = await conn.get_raw_connection()
             # The node of POSTGRES_HOSTS (or the pooler) this process writes to, and whether
             # its relay is woken by LISTEN or (degraded) only polls.

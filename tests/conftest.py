@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from api.configs import Settings
-from api.database.connection import create_engine, create_sessionmaker
+from api.database.connection import connect_raw, create_engine, create_sessionmaker
 from api.main import create_app
 from api.rabbit_core.topology import TopologyNames
 from tests.factories import TestUser, make_user
@@ -83,12 +83,8 @@ def run_settings(**overrides: Any) -> Settings:
 
 
 async def _admin_connection(settings: Settings) -> asyncpg.Connection:
-    return await asyncpg.connect(
-        host=settings.POSTGRES_HOST,
-        port=settings.POSTGRES_PORT,
-        user=settings.POSTGRES_USER,
-        database="postgres",
-    )
+    # No statement timeout: creating or dropping a database takes what it takes.
+    return await connect_raw(settings, database="postgres", timeouts=False)
 
 
 def _alembic_config(settings: Settings) -> Config:

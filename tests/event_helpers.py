@@ -22,7 +22,7 @@ from sqlalchemy import func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.configs import Settings
-from api.database.connection import create_engine, create_sessionmaker
+from api.database.connection import connect_raw, create_engine, create_sessionmaker
 from api.database.query import orders as order_queries
 from api.database.query.outbox import insert_outbox_event
 from api.events import EventType, NewOutboxEvent, order_event
@@ -365,13 +365,8 @@ async def scratch_events_environment(base: Settings) -> AsyncIterator[Settings]:
 
 
 async def _admin_connection(settings: Settings) -> asyncpg.Connection:
-    return await asyncpg.connect(
-        host=settings.POSTGRES_HOST,
-        port=settings.POSTGRES_PORT,
-        user=settings.POSTGRES_USER,
-        password=settings.POSTGRES_PASSWORD.get_secret_value() or None,
-        database="postgres",
-    )
+    # No statement timeout: creating or dropping a database takes what it takes.
+    return await connect_raw(settings, database="postgres", timeouts=False)
 
 
 async def delete_rabbit_names(settings: Settings) -> None:

@@ -1,8 +1,9 @@
 """Connections to the primary, the async engine, sessions and the per-request transaction.
 
-Every connection (pools, the relay's LISTEN, the CLI, Alembic) is made by
-`connect_primary`: the configured nodes are tried in order and the first that accepts
-writes is kept, libpq's `target_session_attrs=read-write`. Behind PgBouncer in
+Every connection (pools, the relay's LISTEN, the CLI, Alembic, the tests' own) is made
+by `connect_primary`: the configured nodes are tried in order and the first that accepts
+writes is kept, libpq's `target_session_attrs=read-write`. A connection outside a pool
+is `connect_raw(settings, ...)`. Behind PgBouncer in
 transaction mode nothing is left on a server connection between transactions.
 """
 
@@ -133,6 +134,30 @@ async def connect_primary(
     raise NoPrimaryError(
         "no PostgreSQL node accepts writes (" + "; ".join(failures) + ")"
     ) from last
+
+
+async def connect_raw(
+    settings: Settings,
+    *,
+    database: str | None = None,
+    hosts: Sequence[HostPort] | None = None,
+    application_name: str | None = None,
+    pooled: bool = True,
+    timeouts: bool = True,
+) -> NodeConnection:
+    """A connection of its own (no pool) to the primary, made from `settings` as the pools'.
+
+    `database` defaults to POSTGRES_DB and `hosts` to POSTGRES_HOSTS; `pooled` and
+    `timeouts` as in `connect_options`; `application_name` replaces the service's in
+    `pg_stat_activity`. The caller closes it.
+    """
+    options = connect_options(settings, pooled=pooled, timeouts=timeouts)
+    if application_name is not None:
+        options["server_settings"] = {
+            **options["server_settings"],
+            "application_name": application_name,
+        }
+    return await connect_primary(settings, hosts=hosts, database=database, options=options)
 
 
 def _why_skipped(exc: BaseException) -> str:

@@ -30,8 +30,3 @@ ORDER_TRANSITIONS: dict[OrderStatus, frozenset[OrderStatus]] = {
 
 def can_transition(current: OrderStatus, target: OrderStatus) -> bool:
     return target in ORDER_TRANSITIONS[current]
-
-
-def sources_of(target: OrderStatus) -> frozenset[OrderStatus]:
-    """The statuses from which `target` may be reached (for conditional UPDATEs)."""
-    return frozenset(src for src, dests in ORDER_TRANSITIONS.items() if target in dests)

@@ -74,7 +74,3 @@ def configure_logging(level: str) -> None:
         logging.getLogger(name).propagate = True
     # The per-request line comes from our middleware; uvicorn's access log would duplicate it.
     logging.getLogger("uvicorn.access").disabled = True
-
-
-def get_logger(name: str) -> logging.Logger:
-    return logging.getLogger(name)

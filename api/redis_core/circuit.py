@@ -140,10 +140,6 @@ class RedisCircuit:
         self._fault: tuple[str, str, float] | None = None
         self._logged: dict[str, float] = {}
 
-    @property
-    def is_open(self) -> bool:
-        return self._opened_at is not None
-
     def allow(self) -> bool:
         """Whether a caller may use Redis now."""
         return self._opened_at is None

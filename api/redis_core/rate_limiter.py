@@ -182,8 +182,3 @@ class RateLimiter:
             "redis unreachable: rate limiting falls back to per-process buckets",
             extra={"error": error},
         )
-
-    @property
-    def redis_available(self) -> bool:
-        """False while the process's Redis circuit is open."""
-        return self.circuit.allow()

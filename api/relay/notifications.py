@@ -18,7 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from api.configs import HostPort, Settings
-from api.database.connection import connect_options, connect_primary
+from api.database.connection import connect_raw
+from api.database.query.server import ping_raw, server_address
 from api.helpers.backoff import Backoff, reconnect_forever
 from api.metrics import OUTBOX_LISTEN_FAILURES
 
@@ -71,22 +72,24 @@ class OutboxNotifications:
         hosts = settings.postgres_listen_hosts
         if not hosts and settings.behind_pgbouncer:
             hosts = [await self._primary_behind_pooler()]
-        options = connect_options(settings, pooled=False, timeouts=False)
-        options["server_settings"] = {"application_name": LISTEN_APPLICATION_NAME}
-        return await connect_primary(settings, hosts=hosts or None, options=options)
+        return await connect_raw(
+            settings,
+            hosts=hosts or None,
+            application_name=LISTEN_APPLICATION_NAME,
+            pooled=False,
+            timeouts=False,
+        )
 
     async def _primary_behind_pooler(self) -> HostPort:
         """The address of the PostgreSQL server PgBouncer connects this service to."""
-        conn = await connect_primary(self._settings)
+        conn = await connect_raw(self._settings)
         try:
-            row = await conn.fetchrow(
-                "SELECT host(inet_server_addr()) AS host, inet_server_port() AS port"
-            )
+            address = await server_address(conn)
         finally:
             await conn.close()
-        if row is None or row["host"] is None:
+        if address is None:
             raise ConnectionError("PgBouncer reaches PostgreSQL over a Unix socket")
-        return HostPort(row["host"], row["port"])
+        return HostPort(*address)
 
     async def _listen_forever(self) -> None:
         # Never stopped from inside: `close()` cancels the task.
@@ -119,8 +122,7 @@ class OutboxNotifications:
                 try:
                     await asyncio.wait_for(lost.wait(), HEALTH_CHECK_INTERVAL)
                 except TimeoutError:
-                    timeout = self._settings.POSTGRES_CONNECT_TIMEOUT
-                    await connection.execute("SELECT 1", timeout=timeout)
+                    await ping_raw(connection, timeout=self._settings.POSTGRES_CONNECT_TIMEOUT)
                 else:
                     return
         finally:

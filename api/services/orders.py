@@ -142,23 +142,11 @@ def build_order(
         "created_at": now,
         "updated_at": now,
     }
-    event = order_event(fields, event_type=EventType.CREATED, request_id=request_id)
     new = NewOrder(
-        id=fields["id"],
-        user_id=user_id,
-        currency=payload.currency,
-        items_json=orjson.dumps(items).decode(),
-        total_amount=fields["total_amount"],
-        metadata_json=orjson.dumps(metadata).decode(),
-        created_at=now,
-        event_id=event.event_id,
-        routing_key=event.routing_key,
-        event_body=event.body,
-        correlation_id=event.correlation_id,
-        traceparent=event.traceparent,
-        tracestate=event.tracestate,
+        fields=fields,
+        event=order_event(fields, event_type=EventType.CREATED, request_id=request_id),
     )
-    return new, EncodedOrder(id=new.id, version=INITIAL_VERSION, body=_dumps(fields))
+    return new, EncodedOrder(id=fields["id"], version=INITIAL_VERSION, body=_dumps(fields))
 
 
 async def create_order(

@@ -11,6 +11,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.database.query.batches import delete_batch
+from api.helpers.enums import UserRole
 from api.models import RefreshToken, User
 
 
@@ -56,6 +57,18 @@ async def insert_user(
         .returning(User)
     )
     return (await session.scalars(statement)).one_or_none()
+
+
+async def set_user_role(session: AsyncSession, *, email: str, role: UserRole) -> bool:
+    """Give the user with `email` (already lower-cased) `role`; False when there is none."""
+    result = await session.execute(
+        update(User)
+        .where(User.email == email)
+        .values(role=role.value)
+        .returning(User.id)
+        .execution_options(synchronize_session=False)
+    )
+    return result.first() is not None
 
 
 async def replace_password_hash(
