@@ -166,7 +166,8 @@ async def outbox_event_count(
 async def insert_backlog(
     sessionmaker: async_sessionmaker[AsyncSession], count: int, *, chunk: int = 2000
 ) -> set[str]:
-    """`count` realistic order.created outbox rows (no order rows needed); returns their ids."""
+    """`count` realistic order.created outbox rows, each of its own order (no order rows
+    needed: the outbox does not reference them); returns their event ids."""
     now = datetime.now(UTC)
     ids: set[str] = set()
     for start in range(0, count, chunk):
@@ -200,6 +201,7 @@ async def insert_backlog(
                     "routing_key": event.routing_key,
                     "body": event.body,
                     "correlation_id": event.correlation_id,
+                    "order_id": order.id,
                 }
             )
         async with sessionmaker() as session, session.begin():

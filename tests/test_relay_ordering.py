@@ -150,3 +150,32 @@ async def test_a_relay_started_with_its_client_waits_for_the_connection_instead_
             await engine.dispose()
     warnings = [r.getMessage() for r in caplog.records if r.name.startswith("api.")]
     assert warnings == []
+
+
+async def test_a_backlog_drains_in_short_batches_without_waiting_for_the_poll_interval(
+    settings: Settings,
+) -> None:
+    """A claim holds at most 16 of the 64 order partitions, so most batches of a backlog
+    come back short of OUTBOX_BATCH_SIZE; the relay claims again at once while rows are
+    left, instead of taking a short batch for the end and sleeping the poll interval."""
+    async with scratch_events_environment(settings) as scratch:
+        engine = create_engine(scratch)
+        sessionmaker = create_sessionmaker(engine)
+        try:
+            # Written before the relay listens: no NOTIFY will wake it.
+            expected = await insert_backlog(sessionmaker, 3000)
+            async with (
+                observe_events(scratch) as observer,
+                running_relay(scratch, OUTBOX_BATCH_SIZE=100, OUTBOX_POLL_INTERVAL=60) as (
+                    relay,
+                    _,
+                ),
+            ):
+                # Well inside one poll interval: a single sleep of the old loop fails this.
+                await observer.wait_for(
+                    lambda seen: {m.message_id for m in seen.messages} >= expected, timeout=30
+                )
+                published = relay.published
+        finally:
+            await engine.dispose()
+    assert published >= 3000
