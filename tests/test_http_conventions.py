@@ -18,8 +18,8 @@ from fastapi.routing import iter_route_contexts
 
 from api.helpers.logger import JsonFormatter
 from tests.factories import TestUser, make_order, order_payload
+from tests.problems import assert_problem
 
-PROBLEM = "application/problem+json"
 # RFC 3986 path-abempty: what a URI reference's path may hold.
 URI_PATH = re.compile(r"^(?:/(?:[A-Za-z0-9\-._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})*)*$")
 
@@ -111,10 +111,8 @@ async def test_a_body_that_is_not_json_is_415_on_every_json_route(
         path = template.replace("{order_id}", str(uuid.uuid4()))
         response = await client.request(method, path, content=body, headers=headers)
         assert response.status_code == 415, (method, path, response.text)
-        assert response.headers["content-type"] == PROBLEM
+        problem = assert_problem(response, 415, "unsupported-media-type")
         assert response.headers["accept"] == "application/json"
-        problem = response.json()
-        assert problem["type"] == "urn:orders-api:problem:unsupported-media-type"
         assert problem["title"] == "Unsupported Media Type"
         assert "application/json" in problem["detail"]
 
@@ -166,9 +164,7 @@ async def test_malformed_json_is_one_422_shape_on_every_json_route(
         path = template.replace("{order_id}", str(uuid.uuid4()))
         response = await client.request(method, path, content=body, headers=headers)
         assert response.status_code == 422, (method, path, body[:20], response.text)
-        assert response.headers["content-type"] == PROBLEM
-        problem = response.json()
-        assert problem["type"] == "urn:orders-api:problem:validation-error"
+        problem = assert_problem(response, 422, "validation-error")
         assert problem["detail"] == "The request body is not valid JSON."
         [error] = problem["errors"]
         assert error["loc"] == ["body"]
