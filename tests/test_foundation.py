@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
@@ -18,7 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.configs import EXAMPLE_JWT_SECRET, Settings
-from tests.factories import make_order, make_user
+from tests.factories import TestUser, make_order, make_user
 from tests.problems import assert_problem
 from tests.services import rabbitmq_stopped, redis_stopped
 
@@ -137,15 +137,20 @@ async def test_body_over_one_mebibyte_is_413(client: httpx.AsyncClient) -> None:
 
 
 async def test_streamed_body_over_limit_without_length_is_413(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, user: TestUser
 ) -> None:
-    async def chunks():  # type: ignore[no-untyped-def]
-        for _ in range(17):
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(17):  # 17 x 64 KiB: one chunk past 1 MiB
             yield b"x" * 65536
 
-    response = await client.post("/ping", content=chunks())
-    # /ping takes no body: the route answers 405 before reading; any 4xx but never 500.
-    assert response.status_code in (405, 413)
+    # A route that reads a body, as an authorised caller: only the size can refuse it.
+    response = await client.post(
+        "/v1/orders",
+        content=chunks(),
+        headers={**user.headers, "Content-Type": "application/json"},
+    )
+    assert "content-length" not in response.request.headers  # chunked: counted as it arrives
+    assert_problem(response, 413, "payload-too-large")
 
 
 async def test_cors_preflight_allows_the_contract_headers(client: httpx.AsyncClient) -> None:
