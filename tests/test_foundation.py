@@ -233,6 +233,7 @@ async def test_ready_fails_503_when_postgres_is_unreachable(
     assert body["checks"]["postgres"]["status"] == "fail"
 
 
+@pytest.mark.faults
 async def test_ready_warns_when_redis_is_down(app_factory: Callable[..., FastAPI]) -> None:
     async with redis_stopped():
         response = await _ready(app_factory())
