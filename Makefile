@@ -5,7 +5,7 @@ SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 export PATH := $(HOME)/.local/bin:$(PATH)
 
-.PHONY: help uv sync services migrate run demo clean cli test test-tools lint fmt bench fuzz compose-test
+.PHONY: help uv sync services migrate run demo clean cli test test-fast test-unit test-tools lint fmt bench fuzz compose-test
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -52,6 +52,12 @@ PGBOUNCER_MODULES := tests/test_orders.py tests/test_idempotency.py tests/test_e
 test: services test-tools lint ## lint, then the whole suite (and the database modules through PgBouncer)
 	@uv run --frozen pytest
 	@uv run --frozen pytest --postgres-via=pgbouncer -m "not faults" $(PGBOUNCER_MODULES)
+
+test-fast: services test-tools lint ## lint, then the suite less the fault tests and the fuzzing (edit-run loop)
+	@uv run --frozen pytest -m "not faults" --ignore=tests/test_schemathesis.py
+
+test-unit: sync ## the unit layer alone (tests/unit): pure code, no services, seconds
+	@uv run --frozen pytest tests/unit -q
 
 bench: services ## the benchmark: wrk against the service and a reference app
 	@uv sync --frozen --quiet --group bench

@@ -23,9 +23,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from api.configs import Settings
 from api.helpers.auth import REQUIRED_CLAIMS
 from tests.factories import PASSWORD, TestUser, make_order, order_payload
+from tests.problems import assert_problem
 
-PROBLEM = "application/problem+json"
-UNAUTHORIZED = "urn:orders-api:problem:unauthorized"
 USER_FIELDS = {"id", "email", "name", "role", "created_at"}
 
 
@@ -63,10 +62,8 @@ async def me(client: httpx.AsyncClient, access_token: str) -> httpx.Response:
 
 
 def assert_unauthorized(response: httpx.Response) -> None:
-    assert response.status_code == 401, response.text
-    assert response.headers["content-type"].startswith(PROBLEM)
+    assert_problem(response, 401, "unauthorized")
     assert response.headers["www-authenticate"] == "Bearer"
-    assert response.json()["type"] == UNAUTHORIZED
 
 
 async def fetch_one(sessionmaker: async_sessionmaker[AsyncSession], sql: str, **params: Any) -> Any:
@@ -152,9 +149,7 @@ async def test_register_rejects_invalid_bodies(
     client: httpx.AsyncClient, body: dict[str, Any], field: str
 ) -> None:
     response = await client.post("/v1/auth/register", json=body)
-    assert response.status_code == 422
-    problem = response.json()
-    assert problem["type"] == "urn:orders-api:problem:validation-error"
+    problem = assert_problem(response, 422, "validation-error")
     assert [err["loc"][-1] for err in problem["errors"]] == [field]
     if "password" in body:
         assert body["password"] not in response.text
@@ -164,9 +159,7 @@ async def test_register_twice_is_a_conflict_whatever_the_case(client: httpx.Asyn
     email = fresh_email()
     assert (await register(client, email)).status_code == 201
     response = await register(client, email.upper(), "another password")
-    assert response.status_code == 409
-    assert response.headers["content-type"].startswith(PROBLEM)
-    assert response.json()["type"] == "urn:orders-api:problem:conflict"
+    assert_problem(response, 409, "conflict")
 
 
 async def test_ten_concurrent_registrations_of_one_email_yield_one_201_and_nine_409(

@@ -20,8 +20,8 @@ from pydantic import BaseModel
 from api.schemas import auth as auth_schemas
 from api.schemas import orders as order_schemas
 from tests.factories import PASSWORD, TestUser
+from tests.problems import PROBLEM, assert_problem
 
-PROBLEM = "application/problem+json"
 SLUGS = {
     "validation-error",
     "unauthorized",
@@ -129,7 +129,7 @@ async def test_an_asset_outside_the_list_is_a_problem_404(client: httpx.AsyncCli
     for name in ("index.html", "..%2F..%2Fapi%2Fconfigs.py", "swagger-ui-bundle.js.map"):
         response = await client.get(f"/docs/assets/{name}")
         assert response.status_code == 404, name
-        assert response.headers["content-type"] == PROBLEM
+        assert_problem(response, 404, "not-found")
 
 
 async def test_the_docs_and_documents_are_counted_under_their_own_path(

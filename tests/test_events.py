@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.configs import Settings
 from api.database.connection import create_engine, create_sessionmaker
-from api.events import CONTENT_TYPE, EventType, event_sequence
+from api.events import CONTENT_TYPE, EventType
 from api.helpers.enums import OrderStatus
 from api.helpers.orjson_coder import dumps, loads
 from api.rabbit_core.client import RabbitClient
@@ -876,13 +876,6 @@ async def test_each_order_is_its_own_source_and_every_envelope_fits_the_asyncapi
     schema = document["components"]["schemas"]["OrderEvent"]["properties"]
     assert schema["sequence"]["pattern"] == "^[0-9]{20}$"
     assert schema["source"]["pattern"].startswith("^/v1/orders/")
-
-
-def test_sequence_strings_sort_in_version_order() -> None:
-    # The CloudEvents sequence extension compares strings; unpadded, "10" < "9".
-    versions = [1, 2, 9, 10, 11, 99, 100, 12345, 10**19]
-    assert sorted(map(event_sequence, versions)) == [event_sequence(v) for v in versions]
-    assert event_sequence(3) == "00000000000000000003"
 
 
 async def test_status_update_from_the_queue_is_never_followed_by_a_stale_cached_read(

@@ -1,12 +1,8 @@
-"""HTTP conventions a client relies on (SPEC §3): HEAD, 415, one malformed-JSON shape, `instance`.
-
-Also: log lines are plain JSON, with no ANSI colour escapes from uvicorn's records.
-"""
+"""HTTP conventions a client relies on (SPEC §3): HEAD, 415, malformed JSON, `instance`."""
 
 from __future__ import annotations
 
 import json
-import logging
 import re
 import uuid
 from collections.abc import Callable
@@ -16,10 +12,9 @@ import pytest
 from fastapi import FastAPI
 from fastapi.routing import iter_route_contexts
 
-from api.helpers.logger import JsonFormatter
 from tests.factories import TestUser, make_order, order_payload
+from tests.problems import assert_problem
 
-PROBLEM = "application/problem+json"
 # RFC 3986 path-abempty: what a URI reference's path may hold.
 URI_PATH = re.compile(r"^(?:/(?:[A-Za-z0-9\-._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})*)*$")
 
@@ -111,10 +106,8 @@ async def test_a_body_that_is_not_json_is_415_on_every_json_route(
         path = template.replace("{order_id}", str(uuid.uuid4()))
         response = await client.request(method, path, content=body, headers=headers)
         assert response.status_code == 415, (method, path, response.text)
-        assert response.headers["content-type"] == PROBLEM
+        problem = assert_problem(response, 415, "unsupported-media-type")
         assert response.headers["accept"] == "application/json"
-        problem = response.json()
-        assert problem["type"] == "urn:orders-api:problem:unsupported-media-type"
         assert problem["title"] == "Unsupported Media Type"
         assert "application/json" in problem["detail"]
 
@@ -166,9 +159,7 @@ async def test_malformed_json_is_one_422_shape_on_every_json_route(
         path = template.replace("{order_id}", str(uuid.uuid4()))
         response = await client.request(method, path, content=body, headers=headers)
         assert response.status_code == 422, (method, path, body[:20], response.text)
-        assert response.headers["content-type"] == PROBLEM
-        problem = response.json()
-        assert problem["type"] == "urn:orders-api:problem:validation-error"
+        problem = assert_problem(response, 422, "validation-error")
         assert problem["detail"] == "The request body is not valid JSON."
         [error] = problem["errors"]
         assert error["loc"] == ["body"]
@@ -205,23 +196,3 @@ async def test_the_413_from_the_outer_layer_has_an_encoded_instance_too(
     )
     assert response.status_code == 413
     assert response.json()["instance"] == "/v1/big%20body"
-
-
-def test_json_log_lines_carry_no_ansi_colour_escapes() -> None:
-    # What uvicorn logs: the plain message, plus `color_message` with ANSI escapes.
-    record = logging.makeLogRecord(
-        {
-            "name": "uvicorn.error",
-            "levelno": logging.INFO,
-            "levelname": "INFO",
-            "msg": "Uvicorn running on %s (Press CTRL+C to quit)",
-            "args": ("http://127.0.0.1:8000",),
-            "color_message": "Uvicorn running on \x1b[1m%s\x1b[0m (Press CTRL+C to quit)",
-        }
-    )
-    line = JsonFormatter().format(record)
-    assert "\x1b" not in line
-    assert "\\u001b" not in line
-    parsed = json.loads(line)
-    assert "color_message" not in parsed
-    assert parsed["message"] == "Uvicorn running on http://127.0.0.1:8000 (Press CTRL+C to quit)"

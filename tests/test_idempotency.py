@@ -6,7 +6,6 @@ import asyncio
 import time
 import uuid
 from datetime import timedelta
-from typing import Any
 
 import httpx
 import pytest
@@ -16,8 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from api.database.query.idempotency import lock_name
 from api.services.retention_sweeper import RetentionSweeper
 from tests.factories import TestUser, order_events, order_payload
-
-PROBLEM_PREFIX = "urn:orders-api:problem:"
+from tests.problems import assert_problem
 
 Sessionmaker = async_sessionmaker[AsyncSession]
 
@@ -34,14 +32,6 @@ async def post_order(
         json=order_payload(**overrides),
         headers={**user.headers, "Idempotency-Key": key},  # type: ignore[dict-item]
     )
-
-
-def assert_problem(response: httpx.Response, status: int, slug: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json")
-    body: dict[str, Any] = response.json()
-    assert body["type"] == PROBLEM_PREFIX + slug
-    return body
 
 
 async def order_ids(sessionmaker: Sessionmaker, user_id: uuid.UUID) -> list[str]:

@@ -30,6 +30,7 @@ from api.redis_core.client import close_redis, create_redis
 from tests.conftest import RUN_ID, run_settings
 from tests.event_helpers import delete_rabbit_names
 from tests.factories import TestUser, make_order, make_user
+from tests.problems import assert_problem
 from tests.redis_servers import topology_overrides
 from tests.services import redis_stopped
 
@@ -151,8 +152,7 @@ async def test_login_refused_after_the_auth_quota_per_ip(
         answers = [await client.post("/v1/auth/login", json=body) for _ in range(4)]
     assert [r.status_code for r in answers] == [401, 401, 401, 429]
     refused = answers[3]
-    assert refused.headers["content-type"] == "application/problem+json"
-    assert refused.json()["type"] == "urn:orders-api:problem:rate-limited"
+    assert_problem(refused, 429, "rate-limited")
     assert refused.headers["retry-after"] == "20"
     assert refused.headers["ratelimit-policy"] == '"auth";q=3;w=60'
     assert refused.headers["ratelimit"] == '"auth";r=0;t=60'

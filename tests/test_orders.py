@@ -13,21 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.helpers.enums import ORDER_TRANSITIONS, OrderStatus
 from tests.factories import TestUser, insert_orders, make_order, order_events, order_payload
-
-PROBLEM = "application/problem+json"
-PROBLEM_PREFIX = "urn:orders-api:problem:"
+from tests.problems import assert_problem
 
 Sessionmaker = async_sessionmaker[AsyncSession]
-
-
-def assert_problem(response: httpx.Response, status: int, slug: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith(PROBLEM)
-    body: dict[str, Any] = response.json()
-    assert body["type"] == PROBLEM_PREFIX + slug
-    assert body["status"] == status
-    assert body["request_id"] == response.headers["x-request-id"]
-    return body
 
 
 def error_locs(response: httpx.Response) -> list[list[Any]]:

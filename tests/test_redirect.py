@@ -31,10 +31,9 @@ from fastapi import FastAPI
 from api.configs import Settings
 from api.rabbit_core.rpc import RpcClient
 from tests.factories import TestUser
+from tests.problems import assert_problem
 from tests.services import rabbitmq_stopped
 
-PROBLEM = "application/problem+json"
-PROBLEM_TYPE = "urn:orders-api:problem:"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # A handler gets the decoded request and the raw message; it returns the reply as
@@ -101,14 +100,6 @@ def echo_handler(status: int = 200, headers: dict[str, str] | None = None) -> Ha
         return {"status": status, "headers": headers or {}, "body": request}
 
     return handle
-
-
-def assert_problem(response: httpx.Response, status: int, slug: str) -> None:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith(PROBLEM)
-    body = response.json()
-    assert body["type"] == PROBLEM_TYPE + slug
-    assert body["request_id"] == response.headers["x-request-id"]
 
 
 async def test_round_trip_carries_status_headers_and_json_body(

@@ -17,24 +17,12 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
-from pydantic import ValidationError
-from redis.exceptions import (
-    AuthenticationError,
-    ClusterDownError,
-    MovedError,
-    NoPermissionError,
-    ReadOnlyError,
-    ResponseError,
-)
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import ResponseError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api.configs import RateLimitPolicy, Settings, describe_error
-from api.redis_core.circuit import fault_kind
+from api.configs import Settings
 from api.redis_core.client import create_redis
 from api.redis_core.layer import open_redis_layer
-from api.redis_core.rate_limiter import MemoryBuckets
 from tests.conftest import run_settings
 from tests.factories import TestUser, make_order, make_user
 from tests.faults.helpers import metric_total
@@ -345,43 +333,6 @@ async def test_three_replicas_of_two_workers_share_one_quota_on_the_cluster(
     assert decided_on_redis == quota * 3
 
 
-# --- configuration ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("values", "message"),
-    [
-        ({"REDIS_MODE": "cluster"}, "REDIS_NODES: required when REDIS_MODE=cluster"),
-        ({"REDIS_MODE": "sentinel"}, "REDIS_NODES: required when REDIS_MODE=sentinel"),
-        (
-            {"REDIS_MODE": "cluster", "REDIS_NODES": "127.0.0.1:17001", "REDIS_DB": "3"},
-            "REDIS_DB: must be 0 when REDIS_MODE=cluster",
-        ),
-        ({"REDIS_MODE": "cluster", "REDIS_NODES": "no-port"}, "REDIS_NODES: expected 'host:port'"),
-        ({"REDIS_MODE": "ring"}, "REDIS_MODE"),
-        ({"REDIS_TLS": "true", "REDIS_TLS_CA_FILE": "/nonexistent/ca.crt"}, "REDIS_TLS_CA_FILE"),
-        ({"REDIS_KEY_PREFIX": "orders{x}:"}, "REDIS_KEY_PREFIX: must not contain"),
-    ],
-)
-def test_a_bad_redis_topology_is_one_line_naming_the_variable(
-    values: dict[str, str], message: str
-) -> None:
-    with pytest.raises(ValidationError) as caught:
-        Settings(_env_file=None, **values)  # type: ignore[call-arg]
-    line = describe_error(caught.value)
-    assert message in line
-    assert "\n" not in line
-
-
-def test_the_fallback_divisor_shares_the_quota_between_processes() -> None:
-    policy = RateLimitPolicy(name="default", quota=30, window=60)
-    alone, shared = MemoryBuckets(), MemoryBuckets(divisor=6)
-    admitted_alone = sum(alone.take("k", policy, 1).allowed for _ in range(40))
-    admitted_shared = sum(shared.take("k", policy, 1).allowed for _ in range(40))
-    # Six processes each admitting 30 // 6 during an outage: 30 for the fleet, not 180.
-    assert (admitted_alone, admitted_shared) == (30, 5)
-
-
 # --- the auto-pipeline ------------------------------------------------------------------
 
 
@@ -411,28 +362,3 @@ async def test_the_auto_pipeline_gives_each_caller_its_own_reply(
         await layer.close()
     assert firsts == list(range(600))
     assert values == [str(i).encode() for i in range(600)]
-
-
-@pytest.mark.parametrize(
-    ("error", "kind"),
-    [
-        (RedisConnectionError("Connection refused"), None),
-        (RedisTimeoutError("Timeout reading"), None),
-        (TimeoutError(), None),
-        (ClusterDownError("CLUSTERDOWN The cluster is down"), None),
-        (
-            ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
-            "WRONGTYPE",
-        ),
-        (ResponseError("CROSSSLOT Keys in request don't hash to the same slot"), "CROSSSLOT"),
-        (
-            NoPermissionError("NOPERM this user has no permissions to run the 'evalsha' command"),
-            "NOPERM",
-        ),
-        (ReadOnlyError("READONLY You can't write against a read only replica."), "READONLY"),
-        (MovedError("3999 127.0.0.1:6381"), "MOVED"),
-        (AuthenticationError("invalid username-password pair"), "AUTH"),
-    ],
-)
-def test_only_an_outage_is_an_outage(error: Exception, kind: str | None) -> None:
-    assert fault_kind(error) == kind

@@ -1,4 +1,4 @@
-"""Shared by the OWASP tests: apps of their own, problem assertions, credentials."""
+"""Shared by the OWASP tests: apps of their own, credentials (problems: `tests/problems.py`)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,6 @@ from api.configs import Settings
 from api.helpers.auth import create_access_token
 from tests.conftest import run_settings
 
-PROBLEM = "application/problem+json"
-PROBLEM_TYPE = "urn:orders-api:problem:"
-PROBLEM_KEYS = {"type", "title", "status", "detail", "instance", "request_id"}
 ORDER_FIELDS = {
     "id",
     "user_id",
@@ -52,18 +49,6 @@ async def serve(app: FastAPI, *, rabbit: bool = False) -> AsyncIterator[httpx.As
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
             yield client
-
-
-def assert_problem(response: httpx.Response, status: int, slug: str) -> dict[str, Any]:
-    """The response is exactly an RFC 9457 problem with this status and slug; its body."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith(PROBLEM)
-    body: dict[str, Any] = response.json()
-    assert set(body) - {"errors"} == PROBLEM_KEYS, body
-    assert body["type"] == PROBLEM_TYPE + slug
-    assert body["status"] == status
-    assert body["request_id"] == response.headers["x-request-id"]
-    return body
 
 
 def error_locs(response: httpx.Response) -> list[list[Any]]:

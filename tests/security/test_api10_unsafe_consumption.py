@@ -25,7 +25,8 @@ from api.configs import Settings
 from api.helpers.enums import OrderStatus
 from tests.event_helpers import insert_order, read_order
 from tests.factories import TestUser
-from tests.security.helpers import assert_problem, fresh_app, serve
+from tests.problems import assert_problem
+from tests.security.helpers import fresh_app, serve
 
 # Bodies a broken or hostile processor could publish, and the `x-error` each earns.
 HOSTILE_STATUS_MESSAGES: dict[str, tuple[Callable[[str], bytes], str]] = {

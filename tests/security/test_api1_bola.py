@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from tests.event_helpers import read_order
 from tests.factories import TestUser, make_order
-from tests.security.helpers import assert_problem
+from tests.problems import assert_problem
 
 
 async def warm(client: httpx.AsyncClient, owner: TestUser, path: str) -> httpx.Response:

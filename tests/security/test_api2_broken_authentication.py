@@ -17,7 +17,8 @@ from fastapi import FastAPI
 
 from api.configs import Settings
 from tests.factories import PASSWORD, TestUser, order_payload
-from tests.security.helpers import assert_problem, expired_token, forged_token, fresh_app, serve
+from tests.problems import assert_problem
+from tests.security.helpers import expired_token, forged_token, fresh_app, serve
 
 PUBLIC_V1 = frozenset(
     {

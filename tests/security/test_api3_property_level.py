@@ -18,11 +18,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from api.helpers.auth import REQUIRED_CLAIMS
 from tests.event_helpers import read_order
 from tests.factories import PASSWORD, TestUser, make_order, order_payload
+from tests.problems import assert_problem
 from tests.security.helpers import (
     ITEM_FIELDS,
     ORDER_FIELDS,
     USER_FIELDS,
-    assert_problem,
     error_locs,
 )
 

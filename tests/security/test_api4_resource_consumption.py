@@ -10,7 +10,8 @@ import pytest
 from fastapi import FastAPI
 
 from tests.factories import TestUser, order_payload
-from tests.security.helpers import assert_problem, error_locs, fresh_app, serve
+from tests.problems import assert_problem
+from tests.security.helpers import error_locs, fresh_app, serve
 
 MIB = 1024 * 1024
 

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from api.models import User
 from tests.event_helpers import read_order
 from tests.factories import TestUser, make_order
-from tests.security.helpers import assert_problem
+from tests.problems import assert_problem
 
 
 async def test_api5_function_level_a_user_gets_403_on_the_admin_patch_for_any_id(

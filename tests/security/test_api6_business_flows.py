@@ -15,7 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from tests.event_helpers import outbox_event_count, read_order
 from tests.factories import TestUser, make_order, order_payload
-from tests.security.helpers import assert_problem, fresh_app, serve
+from tests.problems import assert_problem
+from tests.security.helpers import fresh_app, serve
 
 
 async def order_ids(client: httpx.AsyncClient, user: TestUser) -> list[str]:

@@ -19,7 +19,8 @@ from fastapi import FastAPI
 
 from api.configs import Settings
 from tests.factories import TestUser
-from tests.security.helpers import assert_problem, fresh_app, serve
+from tests.problems import assert_problem
+from tests.security.helpers import fresh_app, serve
 
 SERVICE = f"inventory-{uuid.uuid4().hex[:6]}"
 # Names aimed at hosts, ports, other services or the gateway's own routes.

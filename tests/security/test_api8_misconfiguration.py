@@ -16,7 +16,8 @@ from api.configs import describe_error
 from api.models import Order
 from tests.conftest import run_settings
 from tests.factories import TestUser
-from tests.security.helpers import PROBLEM_KEYS, assert_problem, fresh_app, serve
+from tests.problems import PROBLEM_KEYS, assert_problem
+from tests.security.helpers import fresh_app, serve
 
 # What a stack trace, an SQL error or a library message would leave in a body.
 LEAKS = (

@@ -12,6 +12,8 @@ import httpx
 from fastapi import FastAPI
 from fastapi.routing import iter_route_contexts
 
+from tests.problems import assert_problem
+
 # Served but not documented on purpose: probe aliases, Prometheus, the docs.
 HIDDEN_ROUTES = {
     ("GET", "/livez"),
@@ -72,7 +74,7 @@ async def test_api9_inventory_hidden_routes_answer_and_nothing_else_is_served(
     ):
         response = await client.get(path)
         assert response.status_code == 404, path
-        assert response.json()["type"] == "urn:orders-api:problem:not-found"
+        assert_problem(response, 404, "not-found")
 
 
 async def test_api9_inventory_the_document_names_its_version_and_one_security_scheme(
