@@ -53,8 +53,13 @@ test: services test-tools lint ## lint, then the whole suite (and the database m
 	@uv run --frozen pytest
 	@uv run --frozen pytest --postgres-via=pgbouncer -m "not faults" $(PGBOUNCER_MODULES)
 
-test-fast: services test-tools lint ## lint, then the suite less the fault tests and the fuzzing (edit-run loop)
-	@uv run --frozen pytest -m "not faults" --ignore=tests/test_schemathesis.py
+# What the edit-run loop skips besides the fault tests: the fuzzing, and the modules that
+# start private clusters or whole service processes (make test runs them all).
+SLOW_MODULES := tests/test_schemathesis.py tests/test_rabbitmq_cluster.py tests/test_redis_topologies.py \
+	tests/test_postgres_cluster.py tests/test_first_hour.py
+
+test-fast: services lint ## lint, then the suite less faults, fuzzing and private clusters (edit-run loop)
+	@uv run --frozen pytest -m "not faults" $(addprefix --ignore=,$(SLOW_MODULES))
 
 test-unit: sync ## the unit layer alone (tests/unit): pure code, no services, seconds
 	@uv run --frozen pytest tests/unit -q
