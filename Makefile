@@ -53,9 +53,9 @@ test: services test-tools lint ## lint, then the whole suite (and the database m
 	@uv run --frozen pytest
 	@uv run --frozen pytest --postgres-via=pgbouncer -m "not faults" $(PGBOUNCER_MODULES)
 
-bench: services ## the benchmark: wrk against the service and a reference app
+bench: services ## the benchmark: wrk against the service and a reference app (SOAK=600: the soak instead)
 	@uv sync --frozen --quiet --group bench
-	@uv run --frozen --group bench python -m bench
+	@BENCH_SOAK=$${BENCH_SOAK:-$(SOAK)} uv run --frozen --group bench python -m bench
 
 fuzz: services ## Schemathesis, FUZZ_EXAMPLES (default 500) examples per operation and phase
 	@FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-500} uv run --frozen pytest tests/test_schemathesis.py -q --timeout 1800

@@ -9,6 +9,7 @@ The service (2 workers) and the reference app run for the whole bench. The other
 configurations (limiter off, one worker, Redis Cluster, tracing, PgBouncer) are started
 for their scenario and stopped after it, each time: idle pools keep PostgreSQL
 connections, and all deployments at once would need more than its default 100.
+With BENCH_SOAK set, the soak (`bench/soak.py`) runs instead of all this.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 import httpx
 
 from api.configs import Settings
-from bench import checks, environment, pgbouncer, report, servers
+from bench import checks, environment, pgbouncer, report, servers, soak
 from bench.environment import Database, RunNames, SetupError
 from bench.otlp_sink import OtlpSink
 from bench.outbox_drain import measure_outbox_drain
@@ -86,6 +87,12 @@ class BenchConfig:
     loop_lag: int = 1
     # 1: after the rounds, py-spy flame graphs of the service under its main scenarios.
     profile: int = 0
+    # Seconds of soak (`make bench SOAK=600`): the soak runs instead of the ratios.
+    soak: int = 0
+    # The soak's load, as a fraction of the capacity measured first.
+    soak_load: float = 0.5
+    # Seconds per reported interval of the soak (a minute; shorter for a short soak).
+    soak_interval: int = 60
     # Comma-separated scenario keys to run (and `outbox_drain`); empty: all of them.
     scenarios: str = ""
 
@@ -105,7 +112,7 @@ class BenchConfig:
                 value = kind(raw)
             except ValueError:
                 raise ConfigError(f"BENCH_{name.upper()}: expected a number, got {raw!r}") from None
-            if value < (0 if name in {"warmup", "profile", "loop_lag"} else 1e-9):
+            if value < (0 if name in {"warmup", "profile", "loop_lag", "soak"} else 1e-9):
                 raise ConfigError(f"BENCH_{name.upper()}: must be positive")
             values[name] = value
         return cls(**values)
@@ -198,10 +205,13 @@ def _interrupt(signum: int, frame: object) -> None:
 async def bench(run: Run) -> int:
     config = run.config
     machine = environment.machine_info()
-    log(
-        f"run {run.names.suffix}: {config.rounds} rounds x {config.duration:g}s, "
-        f"{config.connections} connections, {config.workers} workers"
-    )
+    if config.soak:
+        log(f"run {run.names.suffix}: soak of {config.soak}s, {config.workers} workers")
+    else:
+        log(
+            f"run {run.names.suffix}: {config.rounds} rounds x {config.duration:g}s, "
+            f"{config.connections} connections, {config.workers} workers"
+        )
     busy = os.getloadavg()[0]
     if busy > BUSY_LOAD:
         log(f"warning: load average {busy:.1f} before the run: other work will add noise")
@@ -211,6 +221,8 @@ async def bench(run: Run) -> int:
     await asyncio.to_thread(environment.migrate, run.base_env)
     run.db = Database(asyncpg_dsn(run.settings))
     try:
+        if config.soak:
+            return await soak.run_soak(run, machine)
         return await measure(run, machine)
     finally:
         await run.database.close()
