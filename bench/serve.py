@@ -8,8 +8,9 @@ builds the API's app and, by environment, adds:
   a 10 ms sleep wakes up: the time a ready callback waits behind others) and counts the
   garbage collector's pauses (`gc.callbacks`), appending one line per sample to
   `<dir>/lag-<pid>.tsv`; `bench.tail` reads the lines of a round's time window;
-- `BENCH_GC_FREEZE=1`: `gc.collect()` then `gc.freeze()` once start-up is done, so the
-  objects of start-up are never scanned again (an experiment on the tail; issue 18).
+- `BENCH_GC_FREEZE=0|1`: once start-up is done, `gc.unfreeze()` (0: the service as it
+  was before its lifespan froze the heap, for comparing) or `gc.collect()` then
+  `gc.freeze()` (1: what `api/main.py` does anyway; for other code under test).
 
 The reference app installs the same hooks (`install`), so both sides pay the same.
 """
@@ -38,7 +39,7 @@ API_FACTORY = "api.main:create_app"
 
 
 def hooks_requested(env: dict[str, str]) -> bool:
-    return bool(env.get(LAG_DIR_VARIABLE)) or env.get(GC_FREEZE_VARIABLE) == "1"
+    return bool(env.get(LAG_DIR_VARIABLE)) or env.get(GC_FREEZE_VARIABLE) in ("0", "1")
 
 
 class LoopSampler:
@@ -174,17 +175,19 @@ class LagReader:
 def install(app: FastAPI) -> FastAPI:
     """Wrap the app's lifespan: after start-up, freeze the heap and/or start the sampler."""
     lag_dir = os.environ.get(LAG_DIR_VARIABLE)
-    freeze = os.environ.get(GC_FREEZE_VARIABLE) == "1"
-    if not lag_dir and not freeze:
+    freeze = os.environ.get(GC_FREEZE_VARIABLE)
+    if not lag_dir and freeze not in ("0", "1"):
         return app
     inner = app.router.lifespan_context
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[Any]:
         async with inner(app) as state:
-            if freeze:
+            if freeze == "1":
                 gc.collect()
                 gc.freeze()
+            elif freeze == "0":
+                gc.unfreeze()
             sampler = None
             if lag_dir:
                 sampler = LoopSampler(Path(lag_dir) / f"lag-{os.getpid()}.tsv")
