@@ -294,7 +294,13 @@ def write_chart(path: Path, payload: dict[str, Any]) -> bool:
     except ImportError:
         return False
 
-    judged = [item for item in payload["comparisons"] if item["ratio"] is not None]
+    # The p99 ratios (a few x, lower is better) would squash the others' scale; the
+    # latency panel shows their p99s.
+    judged = [
+        item
+        for item in payload["comparisons"]
+        if item["ratio"] is not None and item.get("metric") != "p99"
+    ]
     scenarios = payload["scenarios"]
     figure, (ratio_axes, latency_axes) = plt.subplots(
         1, 2, figsize=(15, 6.5), gridspec_kw={"width_ratios": [1, 1.2]}
