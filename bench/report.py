@@ -228,13 +228,22 @@ def render_table(
     for group in dict.fromkeys(item.comparison.group for item in comparisons):
         lines += ["", f"{group:<{title_width}}{'value':>8}  {'target':<{target_width}}{'met':<9}"]
         for item in (entry for entry in comparisons if entry.comparison.group == group):
-            value = "-" if item.ratio is None else f"{item.ratio:.2f}"
+            value = "-" if item.ratio is None else _ratio_text(item)
             lines.append(
                 f"{item.comparison.title:<{title_width}}{value:>8}  "
                 f"{_target_text(item.comparison):<{target_width}}{item.verdict:<9}{item.detail}"
             )
     lines += render_tails(results)
     return "\n".join(lines)
+
+
+def _ratio_text(item: ComparisonResult) -> str:
+    """Two decimals, or three where two would round across the target (0.897 vs >= 0.90)."""
+    assert item.ratio is not None
+    rounded = round(item.ratio, 2)
+    if item.comparison.target and item.comparison.met(rounded) != item.comparison.met(item.ratio):
+        return f"{item.ratio:.3f}"
+    return f"{item.ratio:.2f}"
 
 
 def render_tails(results: list[ScenarioResult]) -> list[str]:
