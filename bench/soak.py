@@ -387,7 +387,7 @@ def render(
         "outbox: unsent events at the interval's end (highest seen); RSS in MiB",
         "",
         f"{'interval':>8}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'errors':>8}{'outbox':>14}"
-        f"{'status q':>9}{'events':>8}  " + "".join(f"{label:>10}" for label in labels),
+        f"{'status q':>9}{'events':>8}  " + "".join(f"{label:>12}" for label in labels),
         f"{'start':>8}{'':>62}  {_mib(start_rss, labels)}",
     ]
     lines.extend(
@@ -411,5 +411,5 @@ def render(
 
 def _mib(rss_kib: dict[str, int], labels: list[str]) -> str:
     return "".join(
-        f"{rss_kib[label] / 1024:>10.1f}" if label in rss_kib else f"{'-':>10}" for label in labels
+        f"{rss_kib[label] / 1024:>12.1f}" if label in rss_kib else f"{'-':>12}" for label in labels
     )
