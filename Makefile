@@ -64,9 +64,9 @@ test-fast: services lint ## lint, then the suite less faults, fuzzing and privat
 test-unit: sync ## the unit layer alone (tests/unit): pure code, no services, seconds
 	@uv run --frozen pytest tests/unit -q
 
-bench: services ## the benchmark: wrk against the service and a reference app
+bench: services ## the benchmark: wrk against the service and a reference app (SOAK=600: the soak instead)
 	@uv sync --frozen --quiet --group bench
-	@uv run --frozen --group bench python -m bench
+	@BENCH_SOAK=$${BENCH_SOAK:-$(SOAK)} uv run --frozen --group bench python -m bench
 
 fuzz: services ## Schemathesis, FUZZ_EXAMPLES (default 500) examples per operation and phase
 	@FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-500} uv run --frozen pytest tests/test_schemathesis.py -q --timeout 1800

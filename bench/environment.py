@@ -91,7 +91,7 @@ class Database:
     RECONNECT_TIMEOUT = 30.0
 
     def __init__(self, dsn: str) -> None:
-        self._dsn = dsn
+        self.dsn = dsn
         self._conn: asyncpg.Connection | None = None
 
     async def fetchval(self, query: str, *args: object) -> Any:
@@ -106,7 +106,7 @@ class Database:
         deadline = time.monotonic() + patience
         while self._conn is None or self._conn.is_closed():
             try:
-                self._conn = await asyncpg.connect(self._dsn, timeout=5)
+                self._conn = await asyncpg.connect(self.dsn, timeout=5)
             except (asyncpg.PostgresError, OSError):
                 if time.monotonic() >= deadline:
                     raise

@@ -20,7 +20,6 @@ from datetime import UTC, datetime
 from statistics import median
 
 import aio_pika
-import asyncpg
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import delete, insert, select
@@ -37,8 +36,10 @@ from api.rabbit_core.publisher import event_message
 from api.relay import OutboxRelay
 from api.relay.outbox_relay import DEFAULT_LANES
 from api.schemas.orders import OrderRead
+from bench.environment import create_database, delete_rabbit_names, drop_database
+from bench.scenarios import OUTBOX_TARGET
 
-TARGET_RATIO = 0.8
+TARGET_RATIO = OUTBOX_TARGET
 
 
 @contextlib.asynccontextmanager
@@ -56,7 +57,7 @@ async def scratch_settings(base: Settings) -> AsyncIterator[Settings]:
             "LOGLEVEL": "WARNING",
         }
     )
-    await _admin(settings, f'CREATE DATABASE "{settings.POSTGRES_DB}"')
+    await create_database(settings)
     try:
         config = Config("alembic.ini")
         config.attributes["url"] = settings.postgres_url().render_as_string(hide_password=False)
@@ -65,38 +66,9 @@ async def scratch_settings(base: Settings) -> AsyncIterator[Settings]:
         yield settings
     finally:
         try:
-            await _delete_rabbit_names(settings)
+            await delete_rabbit_names(settings)
         finally:
-            await _admin(settings, f'DROP DATABASE IF EXISTS "{settings.POSTGRES_DB}" WITH (FORCE)')
-
-
-async def _admin(settings: Settings, statement: str) -> None:
-    connection = await asyncpg.connect(
-        host=settings.POSTGRES_HOST,
-        port=settings.POSTGRES_PORT,
-        user=settings.POSTGRES_USER,
-        password=settings.POSTGRES_PASSWORD.get_secret_value() or None,
-        database="postgres",
-    )
-    try:
-        await connection.execute(statement)
-    finally:
-        await connection.close()
-
-
-async def _delete_rabbit_names(settings: Settings) -> None:
-    connection = await aio_pika.connect(settings.rabbitmq_url, timeout=10)
-    async with connection:
-        channel = await connection.channel()
-        for queue in (settings.RMQ_QUEUE, settings.RMQ_STATUS_QUEUE):
-            await channel.queue_delete(queue)
-            await channel.queue_delete(f"{queue}.dlq")
-        for exchange in (
-            settings.RMQ_EXCHANGE,
-            f"{settings.RMQ_EXCHANGE}.dlx",
-            settings.RMQ_RPC_EXCHANGE,
-        ):
-            await channel.exchange_delete(exchange)
+            await drop_database(settings)
 
 
 def _sample_order(index: int, now: datetime) -> OrderRead:

@@ -22,6 +22,7 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 
 from api.configs import Settings, load_settings
+from bench.serve import install
 
 TABLE = "bench_reference"
 CREATE_TABLE = f"""
@@ -103,7 +104,8 @@ def create_app() -> FastAPI:
         )
         return Response(content, media_type=JSON)
 
-    return app
+    # The bench's loop-lag sampler, as in the service (`bench/serve.py`), when asked for.
+    return install(app)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.scenarios import Comparison, Scenario
+from bench.serve import LagSummary
 from bench.wrk_runner import WrkResult
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -17,6 +18,13 @@ RESULTS_DIR = Path(__file__).parent / "results"
 NOISY = 0.5
 # Other work taking more than this many cores during a scenario (median round) is noted.
 BUSY = 0.25
+# The scenarios whose tails are shown round by round (issue 18: explain the cached GET's).
+TAIL_SCENARIOS = {
+    "bare_json": "bare JSON (reference)",
+    "order_cached": "cached GET",
+    "raw_insert": "raw INSERT (reference)",
+    "order_create": "POST /v1/orders",
+}
 
 
 @dataclass
@@ -26,12 +34,13 @@ class ScenarioResult:
     # What a probe or a check after the rounds found wrong; any entry invalidates the figure.
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    # The 1-minute load average after each round: other work on the machine shows up here.
+    # Per round: the 1-minute load average after it, and the cores' worth of CPU that
+    # other work on the machine took meanwhile (with its biggest consumers).
     loads: list[float] = field(default_factory=list)
-    # Cores' worth of CPU that other work on the machine took during each round.
     other_cores: list[float] = field(default_factory=list)
     other_top: list[list[str]] = field(default_factory=list)
-    unattributed_cores: list[float] = field(default_factory=list)
+    # Per round: the serving processes' loop lag and GC pauses (None: not sampled).
+    lags: list[LagSummary | None] = field(default_factory=list)
     probed: bool = False
 
     def _median(self, attribute: str) -> float:
@@ -98,14 +107,14 @@ class ScenarioResult:
                     "load_average": load,
                     "other_work_cores": others,
                     "other_work_top": top,
-                    "unattributed_cores": unattributed,
+                    "loop_lag": asdict(lag) if lag else None,
                 }
-                for result, load, others, top, unattributed in zip(
+                for result, load, others, top, lag in zip(
                     self.rounds,
                     self.loads,
                     self.other_cores,
                     self.other_top,
-                    self.unattributed_cores,
+                    self.lags,
                     strict=False,
                 )
             ],
@@ -133,13 +142,15 @@ class ComparisonResult:
             return "INVALID"
         if self.met is None:
             return "-"
-        return "yes" if self.met else "NO"
+        return "met" if self.met else "NOT MET"
 
     def to_json(self) -> dict[str, Any]:
         comparison = self.comparison
         return {
             "key": comparison.key,
             "title": comparison.title,
+            "group": comparison.group,
+            "metric": comparison.metric,
             "subject": comparison.subject,
             "reference": comparison.reference,
             "ratio": None if self.ratio is None else round(self.ratio, 3),
@@ -154,22 +165,28 @@ class ComparisonResult:
 
 def compare(comparison: Comparison, results: dict[str, ScenarioResult]) -> ComparisonResult:
     subject, reference = results.get(comparison.subject), results.get(comparison.reference)
-    if subject is None or reference is None or not reference.rps:
+    if subject is None or reference is None or not reference.rounds:
         return ComparisonResult(comparison, None, False, "not measured")
     pair = (subject, reference)
+    if comparison.metric == "p99":
+        values = (subject.p99_ms, reference.p99_ms)
+        details = [f"{values[0]:,.1f} vs {values[1]:,.1f} ms"]
+    else:
+        values = (subject.rps, reference.rps)
+        details = [f"{values[0]:,.0f} vs {values[1]:,.0f} req/s"]
     invalid = [result.scenario.key for result in pair if not result.valid]
     noisy = [
         f"{result.scenario.key} {result.spread:.0%}" for result in pair if result.spread > NOISY
     ]
     busy = [f"{result.scenario.key} {result.others:.2f}" for result in pair if result.others > BUSY]
-    details = [f"invalid: {', '.join(invalid)}"] if invalid else []
+    if invalid:
+        details.append(f"invalid: {', '.join(invalid)}")
     if noisy:
         details.append(f"noisy rounds: {', '.join(noisy)}")
     if busy:
         details.append(f"other work (cores): {', '.join(busy)}")
-    return ComparisonResult(
-        comparison, subject.rps / reference.rps, not invalid, "; ".join(details)
-    )
+    ratio = values[0] / values[1] if values[1] else None
+    return ComparisonResult(comparison, ratio, not invalid, "; ".join(details))
 
 
 def _target_text(comparison: Comparison) -> str:
@@ -182,7 +199,7 @@ def _target_text(comparison: Comparison) -> str:
 def render_table(
     results: list[ScenarioResult], comparisons: list[ComparisonResult], machine: dict[str, Any]
 ) -> str:
-    """The two tables printed on stdout: the scenarios, then the ratios against their targets."""
+    """What stdout shows: the scenarios, the ratios against their targets, the tails."""
     width = max(len(result.scenario.title) for result in results) + 2
     lines = [
         f"machine: {machine.get('cpu_model')} x{machine.get('nproc')}, "
@@ -207,17 +224,57 @@ def render_table(
             f"{result.error_count:>8}{result.others:>8.2f}  {flags or 'ok'}"
         )
     title_width = max(len(item.comparison.title) for item in comparisons) + 2
-    lines += [
-        "",
-        f"{'ratio':<{title_width}}{'value':>8}  {'target':<30}{'met':<8}",
-    ]
-    for item in comparisons:
-        value = "-" if item.ratio is None else f"{item.ratio:.2f}"
-        lines.append(
-            f"{item.comparison.title:<{title_width}}{value:>8}  "
-            f"{_target_text(item.comparison):<30}{item.verdict:<8}{item.detail}"
-        )
+    target_width = max(len(_target_text(item.comparison)) for item in comparisons) + 2
+    for group in dict.fromkeys(item.comparison.group for item in comparisons):
+        lines += ["", f"{group:<{title_width}}{'value':>8}  {'target':<{target_width}}{'met':<9}"]
+        for item in (entry for entry in comparisons if entry.comparison.group == group):
+            value = "-" if item.ratio is None else _ratio_text(item)
+            lines.append(
+                f"{item.comparison.title:<{title_width}}{value:>8}  "
+                f"{_target_text(item.comparison):<{target_width}}{item.verdict:<9}{item.detail}"
+            )
+    lines += render_tails(results)
     return "\n".join(lines)
+
+
+def _ratio_text(item: ComparisonResult) -> str:
+    """Two decimals, or three where two would round across the target (0.897 vs >= 0.90)."""
+    assert item.ratio is not None
+    rounded = round(item.ratio, 2)
+    if item.comparison.target and item.comparison.met(rounded) != item.comparison.met(item.ratio):
+        return f"{item.ratio:.3f}"
+    return f"{item.ratio:.2f}"
+
+
+def render_tails(results: list[ScenarioResult]) -> list[str]:
+    """Per round of the tail scenarios: wrk's latency distribution, loop lag and GC pauses."""
+    shown = [result for result in results if result.scenario.key in TAIL_SCENARIOS]
+    if not shown:
+        return []
+    lines = [
+        "",
+        "tails, per round: wrk's latency distribution (ms); the serving processes' event-loop",
+        "lag (a 10 ms timer's lateness, ms) and GC pauses (count, total ms, longest ms, full)",
+        "in the same window",
+        f"{'scenario':<28}{'round':>6}{'p50':>8}{'p75':>8}{'p90':>8}{'p99':>8}{'p99.9':>8}"
+        f"{'max':>8}  {'lag p99':>8}{'lag max':>8}{'GCs':>7}{'GC ms':>7}{'GC max':>7}{'full':>5}",
+    ]
+    for result in shown:
+        for number, (outcome, lag) in enumerate(
+            zip(result.rounds, result.lags or [None] * len(result.rounds), strict=False), 1
+        ):
+            sampled = (
+                f"{lag.lag_p99_ms:>8.1f}{lag.lag_max_ms:>8.1f}{lag.gc_count:>7}"
+                f"{lag.gc_total_ms:>7.0f}{lag.gc_max_ms:>7.1f}{lag.gc_full:>5}"
+                if lag
+                else f"{'(not sampled: BENCH_LOOP_LAG=0)':>42}"
+            )
+            lines.append(
+                f"{TAIL_SCENARIOS[result.scenario.key]:<28}{number:>6}{outcome.p50_ms:>8.2f}"
+                f"{outcome.p75_ms:>8.2f}{outcome.p90_ms:>8.2f}{outcome.p99_ms:>8.2f}"
+                f"{outcome.p999_ms:>8.2f}{outcome.max_ms:>8.1f}  {sampled}"
+            )
+    return lines
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -246,7 +303,13 @@ def write_chart(path: Path, payload: dict[str, Any]) -> bool:
     except ImportError:
         return False
 
-    judged = [item for item in payload["comparisons"] if item["ratio"] is not None]
+    # The p99 ratios (a few x, lower is better) would squash the others' scale; the
+    # latency panel shows their p99s.
+    judged = [
+        item
+        for item in payload["comparisons"]
+        if item["ratio"] is not None and item.get("metric") != "p99"
+    ]
     scenarios = payload["scenarios"]
     figure, (ratio_axes, latency_axes) = plt.subplots(
         1, 2, figsize=(15, 6.5), gridspec_kw={"width_ratios": [1, 1.2]}

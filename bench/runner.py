@@ -5,21 +5,21 @@ the service against a bare reference app, or the service against itself in anoth
 configuration. Rounds alternate over all scenarios, so drift (a noisy neighbour,
 a warming cache) is shared, and the median of the rounds is kept.
 
-The service (2 workers) and the reference app run for the whole bench. The two
-other configurations (limiter off, one worker) are started for their scenario and
-stopped after it, each time: idle pools keep PostgreSQL connections, and four
-deployments at once would need more than its default 100.
+The service (2 workers) and the reference app run for the whole bench. The other
+configurations (limiter off, one worker, Redis Cluster, tracing, PgBouncer) are started
+for their scenario and stopped after it, each time: idle pools keep PostgreSQL
+connections, and all deployments at once would need more than its default 100.
+With BENCH_SOAK set, the soak (`bench/soak.py`) runs instead of all this.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import importlib.util
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -30,14 +30,23 @@ from typing import Any
 import httpx
 
 from api.configs import Settings
-from bench import checks, environment, noise, pgbouncer, profiling, report, servers
+from bench import checks, environment, pgbouncer, report, servers, soak
 from bench.environment import Database, RunNames, SetupError
 from bench.otlp_sink import OtlpSink
+from bench.outbox_drain import measure_outbox_drain
 from bench.progress import log
 from bench.reference_app import asyncpg_dsn, create_reference_table
 from bench.report import ComparisonResult, ScenarioResult
-from bench.scenarios import Comparison, Inputs, Scenario, build_comparisons, build_scenarios
+from bench.scenarios import (
+    OUTBOX_KEY,
+    Comparison,
+    Inputs,
+    Scenario,
+    build_comparisons,
+    build_scenarios,
+)
 from bench.seed import ORDER_BODY_BYTES, create_orders, register_and_login, service_client
+from bench.serve import LagReader
 from bench.servers import Deployment, Server
 from bench.wrk_runner import WrkError, WrkResult, ensure_wrk, run_wrk, wrk_version
 from tests.redis_servers import ClusterServers, start_cluster
@@ -46,6 +55,8 @@ from tests.redis_servers import ClusterServers, start_cluster
 PAUSE_BETWEEN_RUNS = 1.5
 # The service scenarios the profile pass records.
 PROFILED = ("ping", "order_cached", "order_uncached", "order_list", "order_create")
+# The key of the outbox drain in BENCH_SCENARIOS.
+OUTBOX_SCENARIO = "outbox_drain"
 # A 1-minute load average above this before the run means the figures will be noisy.
 BUSY_LOAD = 1.0
 # The copies serve reads only; without their relays and consumers, the processes that
@@ -56,7 +67,7 @@ PGBOUNCER_PROCESS = "pgbouncer_process"
 
 
 class ConfigError(ValueError):
-    """A BENCH_* variable that is not a positive number."""
+    """A BENCH_* variable that is not a positive number (or not a known scenario)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +83,18 @@ class BenchConfig:
     workers: int = 2
     orders: int = 1000
     outbox_backlog: int = 20_000
-    # 1: after the rounds, record py-spy profiles of the service under its main scenarios.
+    # 1: every process under test samples its event-loop lag and GC pauses (bench/serve.py).
+    loop_lag: int = 1
+    # 1: after the rounds, py-spy flame graphs of the service under its main scenarios.
     profile: int = 0
+    # Seconds of soak (`make bench SOAK=600`): the soak runs instead of the ratios.
+    soak: int = 0
+    # The soak's load, as a fraction of the capacity measured first.
+    soak_load: float = 0.5
+    # Seconds per reported interval of the soak (a minute; shorter for a short soak).
+    soak_interval: int = 60
+    # Comma-separated scenario keys to run (and `outbox_drain`); empty: all of them.
+    scenarios: str = ""
 
     @classmethod
     def from_env(cls) -> BenchConfig:
@@ -84,14 +105,20 @@ class BenchConfig:
             if raw is None or raw == "":
                 continue
             kind = type(getattr(defaults, name))
+            if kind is str:
+                values[name] = raw
+                continue
             try:
                 value = kind(raw)
             except ValueError:
                 raise ConfigError(f"BENCH_{name.upper()}: expected a number, got {raw!r}") from None
-            if value < (0 if name in {"warmup", "profile"} else 1):
+            if value < (0 if name in {"warmup", "profile", "loop_lag", "soak"} else 1e-9):
                 raise ConfigError(f"BENCH_{name.upper()}: must be positive")
             values[name] = value
         return cls(**values)
+
+    def selected(self, key: str) -> bool:
+        return not self.scenarios or key in self.scenarios.replace(" ", "").split(",")
 
 
 @dataclass
@@ -108,6 +135,8 @@ class Run:
     database_created: bool = False
     db: Database | None = None
     cluster: ClusterServers | None = None
+    # The loop-lag files of each sampled server, by server name.
+    lags: dict[str, LagReader] = field(default_factory=dict)
 
     @property
     def database(self) -> Database:
@@ -176,10 +205,13 @@ def _interrupt(signum: int, frame: object) -> None:
 async def bench(run: Run) -> int:
     config = run.config
     machine = environment.machine_info()
-    log(
-        f"run {run.names.suffix}: {config.rounds} rounds x {config.duration:g}s, "
-        f"{config.connections} connections, {config.workers} workers"
-    )
+    if config.soak:
+        log(f"run {run.names.suffix}: soak of {config.soak}s, {config.workers} workers")
+    else:
+        log(
+            f"run {run.names.suffix}: {config.rounds} rounds x {config.duration:g}s, "
+            f"{config.connections} connections, {config.workers} workers"
+        )
     busy = os.getloadavg()[0]
     if busy > BUSY_LOAD:
         log(f"warning: load average {busy:.1f} before the run: other work will add noise")
@@ -188,9 +220,9 @@ async def bench(run: Run) -> int:
     run.database_created = True
     await asyncio.to_thread(environment.migrate, run.base_env)
     run.db = Database(asyncpg_dsn(run.settings))
-    log("starting a 6-node Redis Cluster (ports 17001-17006) for the cluster scenario")
-    run.cluster = await asyncio.to_thread(start_cluster, run.work_dir / "redis-cluster")
     try:
+        if config.soak:
+            return await soak.run_soak(run, machine)
         return await measure(run, machine)
     finally:
         await run.database.close()
@@ -202,6 +234,9 @@ async def measure(run: Run, machine: dict[str, Any]) -> int:
     reference_ids = await create_reference_table(
         await run.database.connection(), rows=config.orders, payload=ORDER_BODY_BYTES
     )
+    if config.selected("order_cached_cluster"):
+        log("starting a 6-node Redis Cluster (ports 17001-17006) for the cluster scenario")
+        run.cluster = await asyncio.to_thread(start_cluster, run.work_dir / "redis-cluster")
     run.deployments = {
         "service": Deployment("service", config.workers),
         "no_limiter": Deployment(
@@ -224,16 +259,13 @@ async def measure(run: Run, machine: dict[str, Any]) -> int:
     }
     # POST /v1/orders again through a private PgBouncer (transaction mode). The copy has no
     # relay: the measured service's relay publishes its events, as it does the direct ones.
-    bouncer = pgbouncer.start_pgbouncer(run.settings, run.work_dir)
-    run.servers[PGBOUNCER_PROCESS] = bouncer
+    pooled: dict[str, str] = {}
+    if config.selected("order_create_pgbouncer"):
+        bouncer = pgbouncer.start_pgbouncer(run.settings, run.work_dir)
+        run.servers[PGBOUNCER_PROCESS] = bouncer
+        pooled = {"POSTGRES_HOSTS": f"127.0.0.1:{bouncer.port}", "POSTGRES_POOLER": "pgbouncer"}
     run.deployments["pgbouncer"] = Deployment(
-        "pgbouncer",
-        config.workers,
-        overrides={
-            "POSTGRES_HOSTS": f"127.0.0.1:{bouncer.port}",
-            "POSTGRES_POOLER": "pgbouncer",
-            **BACKGROUND_OFF,
-        },
+        "pgbouncer", config.workers, overrides={**pooled, **BACKGROUND_OFF}
     )
     # The cached read with tracing on, one new trace in ten sampled (SPEC §14), exporting
     # to a sink in this process.
@@ -258,9 +290,13 @@ async def _measure_all(run: Run, machine: dict[str, Any], reference_ids: list[st
     config = run.config
     await start_servers(run)
     inputs = await seed(run, reference_ids)
-    scenarios = build_scenarios(
-        inputs, connections=config.connections, low_connections=config.low_connections
-    )
+    scenarios = [
+        scenario
+        for scenario in build_scenarios(
+            inputs, connections=config.connections, low_connections=config.low_connections
+        )
+        if config.selected(scenario.key)
+    ]
     results = {scenario.key: ScenarioResult(scenario) for scenario in scenarios}
 
     await warm_up(run, results)
@@ -269,12 +305,15 @@ async def _measure_all(run: Run, machine: dict[str, Any], reference_ids: list[st
     if config.profile:
         await profile_pass(run, scenarios)
 
-    comparisons = [
-        report.compare(item, results)
-        for item in build_comparisons(config.low_connections, config.connections)
-    ]
     run.stop_servers()
-    comparisons.append(await measure_outbox(run))
+    comparisons = []
+    for item in build_comparisons(config.low_connections, config.connections):
+        if item.key != OUTBOX_KEY:
+            comparisons.append(report.compare(item, results))
+        elif config.selected(OUTBOX_SCENARIO):
+            comparisons.append(await measure_outbox(run, item))
+        else:
+            comparisons.append(ComparisonResult(item, None, False, "not measured"))
     machine["load_average_end"] = [round(value, 2) for value in os.getloadavg()]
     machine["wrk"] = wrk_version(run.wrk)
     publish(run, list(results.values()), comparisons, machine)
@@ -313,10 +352,16 @@ async def warn_about_connections(run: Run) -> None:
 async def start_servers(run: Run) -> None:
     workers = run.config.workers
     log(f"starting the service and the reference app ({workers} workers each)")
+    loop_lag = bool(run.config.loop_lag)
     run.servers["service"] = servers.start_service(
-        run.deployments["service"], run.base_env, run.work_dir
+        run.deployments["service"], run.base_env, run.work_dir, loop_lag=loop_lag
     )
-    run.servers["reference"] = servers.start_reference(run.base_env, run.work_dir, workers=workers)
+    run.servers["reference"] = servers.start_reference(
+        run.base_env, run.work_dir, workers=workers, loop_lag=loop_lag
+    )
+    if loop_lag:
+        for name in ("service", "reference"):
+            run.lags[name] = LagReader(servers.lag_dir(run.work_dir, name))
     for name, server in run.servers.items():
         if name == PGBOUNCER_PROCESS:
             continue
@@ -327,7 +372,12 @@ async def start_servers(run: Run) -> None:
 @contextlib.asynccontextmanager
 async def deployment_copy(run: Run, name: str) -> AsyncIterator[Server]:
     """Start a copy of the service in another configuration; stop it afterwards."""
-    server = servers.start_service(run.deployments[name], run.base_env, run.work_dir)
+    loop_lag = bool(run.config.loop_lag)
+    server = servers.start_service(
+        run.deployments[name], run.base_env, run.work_dir, loop_lag=loop_lag
+    )
+    if loop_lag:
+        run.lags.setdefault(name, LagReader(servers.lag_dir(run.work_dir, name)))
     run.servers[name] = server
     try:
         await asyncio.to_thread(server.wait_ready, "/ping")
@@ -421,21 +471,27 @@ async def measure_scenario(run: Run, number: int, result: ScenarioResult, inputs
     writes = scenario.load.body_file is not None and scenario.server in ("service", "pgbouncer")
     before = await checks.count_orders(run.database, inputs.writer_id) if writes else 0
     sessions = {os.getsid(0), *(server.process.pid for server in run.servers.values())}
-    cpu_before = noise.sample(sessions, run.settings.POSTGRES_DB)
+    cpu_before = checks.cpu_sample(sessions, run.settings.POSTGRES_DB)
     outcome = await drive(run, scenario, run.config.duration)
-    others = noise.other_work(cpu_before, noise.sample(sessions, run.settings.POSTGRES_DB))
+    cores, top = checks.other_work(
+        cpu_before, checks.cpu_sample(sessions, run.settings.POSTGRES_DB)
+    )
+    reader = run.lags.get(scenario.server)
+    # wrk's window: it ran for `seconds` of wall time just before now.
+    lag = reader.window(cpu_before.at, time.monotonic()) if reader else None
     result.rounds.append(outcome)
     result.loads.append(round(os.getloadavg()[0], 2))
-    result.other_cores.append(round(others.cores, 2))
-    result.other_top.append(others.top)
-    result.unattributed_cores.append(round(others.unattributed, 2))
+    result.other_cores.append(round(cores, 2))
+    result.other_top.append(top)
+    result.lags.append(lag)
     errors = f", {outcome.error_count} errors {outcome.errors}" if outcome.error_count else ""
     log(
         f"round {number}/{run.config.rounds} {scenario.title}: {outcome.rps:,.0f} req/s, "
         f"p50 {outcome.p50_ms:.2f} ms, p99 {outcome.p99_ms:.2f} ms, "
-        f"other work {others.cores:.2f} cores ({', '.join(others.top) or '-'}; "
-        f"unattributed {others.unattributed:.2f}){errors}"
+        f"other work {cores:.2f} cores ({', '.join(top) or '-'}){errors}"
     )
+    if lag is not None:
+        log(f"  {scenario.server}: {lag.text()}")
     if outcome.errors.get("status") and not result.notes:
         # The first failing round shows why, from the server's own log.
         tail = run.servers[scenario.server].log_tail(6)
@@ -449,8 +505,8 @@ async def measure_scenario(run: Run, number: int, result: ScenarioResult, inputs
 
 
 async def profile_pass(run: Run, scenarios: list[Scenario]) -> None:
-    """py-spy on the service under each of its main scenarios; not part of the figures."""
-    binary = profiling.find_py_spy()
+    """py-spy flame graphs of the service's processes under its main scenarios (not figures)."""
+    binary = shutil.which("py-spy")
     if binary is None:
         log("profile: py-spy is not on PATH (uv run --with py-spy python -m bench); skipped")
         return
@@ -458,36 +514,33 @@ async def profile_pass(run: Run, scenarios: list[Scenario]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     service = run.servers["service"]
     for scenario in (item for item in scenarios if item.key in PROFILED):
-        stacks = out_dir / f"{scenario.key}.stacks"
-        recorder = profiling.start_recording(
-            binary, service.process.pid, run.config.duration, stacks
-        )
+        svg = out_dir / f"{scenario.key}.svg"
+        recorder = _record(binary, service.process.pid, run.config.duration, svg)
         await drive(run, scenario, run.config.duration)
         _, stderr = await asyncio.to_thread(recorder.communicate, timeout=60)
-        if recorder.returncode != 0 or not stacks.exists():
+        if recorder.returncode != 0 or not svg.exists():
             log(f"profile {scenario.key}: py-spy failed: {stderr.decode().strip()[-200:]}")
-            continue
-        summary = profiling.summarise(stacks, f"{scenario.title}, {run.config.workers} workers")
-        (out_dir / f"{scenario.key}.txt").write_text(summary + "\n")
-        log(f"profile {scenario.key}: {out_dir.relative_to(environment.ROOT)}/{scenario.key}.txt")
+        else:
+            log(f"profile {scenario.key}: {svg.relative_to(environment.ROOT)}")
         await checks.quiesce(run.database)
 
 
-async def measure_outbox(run: Run) -> ComparisonResult:
+def _record(binary: str, pid: int, seconds: float, svg: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling the process tree of `pid` for `seconds` without pausing it."""
+    command = [binary, "record", f"--pid={pid}", "--subprocesses", "--nonblocking"]
+    command += ["--rate=200", f"--duration={max(1, round(seconds))}"]
+    command += ["--format=flamegraph", f"--output={svg}"]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+async def measure_outbox(run: Run, comparison: Comparison) -> ComparisonResult:
     """The outbox drain against a raw batched-confirm publish, from `bench/outbox_drain.py`."""
-    comparison = Comparison(
-        "outbox", "outbox drain vs raw publish", "outbox_drain", "raw_publish", 0.80
-    )
-    measure_drain = _outbox_drain_function()
-    if measure_drain is None:
-        log("outbox drain: bench/outbox_drain.py has no measure_outbox_drain(); skipped")
-        return ComparisonResult(comparison, None, False, "bench/outbox_drain.py missing")
     events = run.config.outbox_backlog
     log(f"outbox drain: backlog of {events} events, relay vs raw aio-pika publish")
     rates: dict[str, float] | None = None
     for attempt in (1, 2):
         try:
-            rates = await measure_drain(
+            rates = await measure_outbox_drain(
                 events=events, rounds=min(run.config.rounds, 2), base=run.settings
             )
             break
@@ -521,14 +574,6 @@ async def wait_for_rabbitmq(settings: Settings, timeout: float = 60.0) -> bool:
     return False
 
 
-def _outbox_drain_function() -> Any:
-    """`measure_outbox_drain` of the events work, when that module is there."""
-    if importlib.util.find_spec("bench.outbox_drain") is None:
-        return None
-    module = importlib.import_module("bench.outbox_drain")
-    return getattr(module, "measure_outbox_drain", None)
-
-
 def publish(
     run: Run,
     results: list[ScenarioResult],
@@ -549,6 +594,9 @@ def publish(
             "workers": config.workers,
             "seeded_orders": config.orders,
             "outbox_backlog": config.outbox_backlog,
+            "loop_lag_sampled": bool(config.loop_lag),
+            "gc_freeze": os.environ.get("BENCH_GC_FREEZE") == "1",
+            "scenarios": config.scenarios or "all",
             "statistic": "median of rounds",
         },
         "scenarios": [result.to_json() for result in results],

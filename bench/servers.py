@@ -1,7 +1,11 @@
-"""The processes under test: the service (`python -m api`) and the reference app.
+"""The processes under test: the service (`python -m api`), its event worker
+(`python -m api.worker`, the soak's), and the reference app.
 
 Each runs in its own session (process group), so stopping it stops its uvicorn
 workers too; output goes to a log file whose tail is shown when it fails to start.
+With `loop_lag`, each samples its event loop and GC pauses into `<name>-lag/`
+(`bench/serve.py`): the service then runs as `python -m bench.serve`, which is
+`python -m api` with that hook.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 import httpx
 
 from bench.environment import ROOT, SetupError
+from bench.serve import GC_FREEZE_VARIABLE, LAG_DIR_VARIABLE, hooks_requested
 
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
@@ -128,27 +133,51 @@ class Deployment:
     workers: int
     port: int = field(default_factory=free_port)
     overrides: dict[str, str] = field(default_factory=dict)
+    # `api`, or `api.worker` for the relay and status consumer without the HTTP API.
+    module: str = "api"
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
 
-def start_service(deployment: Deployment, base_env: dict[str, str], log_dir: Path) -> Server:
+def lag_dir(log_dir: Path, name: str) -> Path:
+    return log_dir / f"{name}-lag"
+
+
+def _hooks(env: dict[str, str], log_dir: Path, name: str, loop_lag: bool) -> dict[str, str]:
+    if loop_lag:
+        directory = lag_dir(log_dir, name)
+        directory.mkdir(exist_ok=True)
+        env[LAG_DIR_VARIABLE] = str(directory)
+    return env
+
+
+def start_service(
+    deployment: Deployment, base_env: dict[str, str], log_dir: Path, *, loop_lag: bool = False
+) -> Server:
     """`python -m api` as `deployment` says; started again, it serves on the same port."""
     env = service_env(
         base_env, port=deployment.port, workers=deployment.workers, **deployment.overrides
     )
+    env = _hooks(env, log_dir, deployment.name, loop_lag)
     # Each start gets a clean directory for its workers' shared metrics.
     metrics_dir = log_dir / f"{deployment.name}-metrics"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir()
     env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    command = [sys.executable, "-m", "api"]
+    module = deployment.module
+    if module == "api.worker":
+        env["WORKER_PORT"] = str(deployment.port)
+    elif hooks_requested(env):
+        module = "bench.serve"
+    command = [sys.executable, "-m", module]
     return start(deployment.name, command, env, log_dir, deployment.port)
 
 
-def start_reference(base_env: dict[str, str], log_dir: Path, *, workers: int) -> Server:
+def start_reference(
+    base_env: dict[str, str], log_dir: Path, *, workers: int, loop_lag: bool = False
+) -> Server:
     port = free_port()
     command = [
         sys.executable,
@@ -157,4 +186,6 @@ def start_reference(base_env: dict[str, str], log_dir: Path, *, workers: int) ->
         f"--port={port}",
         f"--workers={workers}",
     ]
-    return start("reference", command, base_env, log_dir, port)
+    # The reference app's own start-up has nothing to freeze; only the sampler applies.
+    env = {name: value for name, value in base_env.items() if name != GC_FREEZE_VARIABLE}
+    return start("reference", command, _hooks(env, log_dir, "reference", loop_lag), log_dir, port)

@@ -31,18 +31,26 @@ class Load:
     headers: dict[str, str] = field(default_factory=dict)
     paths_file: Path | None = None
     body_file: Path | None = None
+    # More variables for the script (the soak's think time, say).
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class WrkResult:
+    """One run: counts and wrk's latency histogram (what `--latency` prints, and more)."""
+
     requests: int
     seconds: float
     errors: dict[str, int]
     p50_ms: float
+    p75_ms: float
     p90_ms: float
     p99_ms: float
+    p999_ms: float
     mean_ms: float
     max_ms: float
+    # What the script's `bench.extra` reported (the soak's requests sent by kind).
+    extra: dict[str, int] | None = None
 
     @property
     def rps(self) -> float:
@@ -91,6 +99,7 @@ def run_wrk(
         "BENCH_HEADERS": "\n".join(f"{name}: {value}" for name, value in load.headers.items()),
         "BENCH_PATHS_FILE": str(load.paths_file or ""),
         "BENCH_BODY_FILE": str(load.body_file or ""),
+        **load.env,
     }
     command = [
         binary,
@@ -120,8 +129,11 @@ def parse_output(stdout: str, stderr: str, returncode: int) -> WrkResult:
         seconds=data["duration_us"] / 1e6,
         errors={name: int(count) for name, count in data["errors"].items()},
         p50_ms=latency["p50"] / 1000,
+        p75_ms=latency["p75"] / 1000,
         p90_ms=latency["p90"] / 1000,
         p99_ms=latency["p99"] / 1000,
+        p999_ms=latency["p99.9"] / 1000,
         mean_ms=latency["mean"] / 1000,
         max_ms=latency["max"] / 1000,
+        extra=data.get("extra"),
     )

@@ -1,13 +1,15 @@
 -- Shared by every bench script (loaded with dofile from BENCH_WRK_DIR).
 --
--- Environment it reads (set by bench/wrk.py):
+-- Environment it reads (set by bench/wrk_runner.py):
 --   BENCH_TOKEN    bearer token sent as `Authorization` (optional)
 --   BENCH_HEADERS  extra headers, one `Name: value` a line (optional)
 -- It gives every wrk thread a number (`thread_id`, set before `init`) and prints
 -- one `BENCH_JSON {...}` line from `done()`: requests, duration, error counts and
--- latency percentiles in microseconds, so the runner never parses wrk's prose.
+-- latency percentiles in microseconds (the histogram `--latency` prints, read here so
+-- the runner never parses wrk's prose). A script may set `bench.extra` to a function
+-- returning a JSON value for the line's "extra" field (it can read `bench.threads`).
 
-bench = {}
+bench = {threads = {}}
 
 function bench.read_file(path)
    local file = assert(io.open(path, "rb"), "cannot open " .. tostring(path))
@@ -45,6 +47,7 @@ local threads_started = 0
 function setup(thread)
    thread:set("thread_id", threads_started)
    threads_started = threads_started + 1
+   bench.threads[#bench.threads + 1] = thread
 end
 
 function done(summary, latency, requests)
@@ -52,10 +55,12 @@ function done(summary, latency, requests)
    io.write(string.format(
       'BENCH_JSON {"requests":%d,"duration_us":%d,"bytes":%d,'
          .. '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},'
-         .. '"latency_us":{"p50":%d,"p90":%d,"p99":%d,"mean":%.1f,"max":%d}}\n',
+         .. '"latency_us":{"p50":%d,"p75":%d,"p90":%d,"p99":%d,"p99.9":%d,'
+         .. '"mean":%.1f,"max":%d},"extra":%s}\n',
       summary.requests, summary.duration, summary.bytes,
       errors.connect, errors.read, errors.write, errors.status, errors.timeout,
-      latency:percentile(50), latency:percentile(90), latency:percentile(99),
-      latency.mean, latency.max
+      latency:percentile(50), latency:percentile(75), latency:percentile(90),
+      latency:percentile(99), latency:percentile(99.9), latency.mean, latency.max,
+      bench.extra and bench.extra() or "null"
    ))
 end
