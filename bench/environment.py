@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 
 from api.configs import Settings, load_settings
+from api.database.connection import connect_raw
 from api.rabbit_core.topology import TopologyNames
 from api.redis_core.client import create_redis
 from bench.progress import log
@@ -137,14 +138,7 @@ def run_settings(names: RunNames) -> Settings:
 
 
 async def _admin_connection(settings: Settings) -> asyncpg.Connection:
-    return await asyncpg.connect(
-        host=settings.POSTGRES_HOST,
-        port=settings.POSTGRES_PORT,
-        user=settings.POSTGRES_USER,
-        password=settings.POSTGRES_PASSWORD.get_secret_value() or None,
-        database="postgres",
-        timeout=settings.POSTGRES_CONNECT_TIMEOUT,
-    )
+    return await connect_raw(settings, database="postgres", timeouts=False)
 
 
 async def create_database(settings: Settings) -> None:
