@@ -267,6 +267,10 @@ async def measure(run: Run, machine: dict[str, Any]) -> int:
     run.deployments["pgbouncer"] = Deployment(
         "pgbouncer", config.workers, overrides={**pooled, **BACKGROUND_OFF}
     )
+    # POST /v1/orders on API processes without a relay (the deployment with `python -m
+    # api.worker`): the copy's events are published by the measured service's relays, a
+    # process group of their own, on the same two cores.
+    run.deployments["split"] = Deployment("split", config.workers, overrides=BACKGROUND_OFF)
     # The cached read with tracing on, one new trace in ten sampled (SPEC §14), exporting
     # to a sink in this process.
     sink = OtlpSink()

@@ -188,6 +188,9 @@ def build_scenarios(inputs: Inputs, *, connections: int, low_connections: int) -
         ),
         order_create("order_create", "POST /v1/orders", "service"),
         order_create("order_create_pgbouncer", "POST /v1/orders through PgBouncer", "pgbouncer"),
+        order_create(
+            "order_create_split", "POST /v1/orders, relay in another process group", "split"
+        ),
     ]
 
 
@@ -209,6 +212,15 @@ def build_comparisons(low_connections: int, connections: int) -> list[Comparison
         ),
         Comparison(
             "create", "POST /v1/orders vs raw INSERT", "order_create", "raw_insert", 0.60, **issue
+        ),
+        Comparison(
+            "create_split",
+            "POST vs raw INSERT, relay in another process",
+            "order_create_split",
+            "raw_insert",
+            0.60,
+            goal="the api.worker deployment",
+            **issue,
         ),
         Comparison("ping", "/ping vs bare JSON", "ping", "bare_json", 0.90, **issue),
         Comparison(
