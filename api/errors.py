@@ -9,14 +9,17 @@ from typing import Any, ClassVar
 from urllib.parse import quote
 
 from starlette.exceptions import HTTPException
+from starlette.responses import Response
 from starlette.types import Scope
+
+from api.helpers.orjson_coder import dumps
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_TYPE_PREFIX = "urn:orders-api:problem:"
 
 
 class ProblemError(HTTPException):
-    """An expected failure rendered as problem+json by the one handler in `main.py`.
+    """An expected failure, rendered as problem+json by `problem_response`.
 
     It subclasses Starlette's HTTPException so FastAPI re-raises it untouched even
     when it surfaces while the request body is being read (the 413 body limit).
@@ -184,3 +187,27 @@ def problem_body(
     if errors is not None:
         body["errors"] = list(errors)
     return body
+
+
+def problem_response(scope: Scope, exc: HTTPException) -> Response:
+    """`exc` as RFC 9457 problem+json: every error response of the service is made here.
+
+    `exc` is one of ours, or a Starlette `HTTPException` (routing, the 405), whose
+    status picks the slug. The request id is the one the outer middleware assigned.
+    """
+    status = exc.status_code
+    if isinstance(exc, ProblemError):
+        slug, errors = exc.slug, exc.errors
+    else:
+        slug, errors = SLUG_BY_STATUS.get(status, "bad-request"), None
+    body = problem_body(
+        status=status,
+        slug=slug,
+        detail=str(exc.detail),
+        instance=problem_instance(scope),
+        request_id=scope.get("state", {}).get("request_id"),
+        errors=errors,
+    )
+    return Response(
+        dumps(body), status_code=status, headers=exc.headers, media_type=PROBLEM_CONTENT_TYPE
+    )

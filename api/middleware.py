@@ -7,9 +7,7 @@ streaming responses are not buffered.
 from __future__ import annotations
 
 import logging
-import re
 import time
-from random import getrandbits
 from typing import Any
 
 from starlette.datastructures import Headers
@@ -17,44 +15,22 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import (
-    PROBLEM_CONTENT_TYPE,
-    BadRequest,
-    InternalError,
-    PayloadTooLarge,
-    problem_body,
-    problem_instance,
-)
+from api.errors import BadRequest, InternalError, PayloadTooLarge, problem_response
 from api.helpers.logger import request_id_var
-from api.helpers.orjson_coder import dumps
+from api.helpers.request_ids import new_request_id, valid_request_id
 from api.metrics import http_latency, http_requests
 
 MAX_BODY_BYTES = 1024 * 1024
-_REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 
 access_log = logging.getLogger("api.access")
-
-
-# The version (4) and variant (RFC 9562) bits of a random UUID.
-_UUID4_CLEAR = ~((0xC000 << 48) | (0xF000 << 64)) & ((1 << 128) - 1)
-_UUID4_SET = (0x8000 << 48) | (4 << 76)
-
-
-def new_request_id() -> str:
-    """A random (version 4) UUID as text, a third of `str(uuid.uuid4())`'s cost.
-
-    A request id must be unique, not unguessable, so it comes from the process's
-    Mersenne Twister (seeded from the OS, again after a fork) instead of a system call.
-    """
-    digits = "%032x" % (getrandbits(128) & _UUID4_CLEAR | _UUID4_SET)
-    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
 
 
 def _incoming_request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == b"x-request-id":
-            if _REQUEST_ID_RE.match(value):
-                return bytes(value).decode("ascii")
+            text = bytes(value).decode("latin-1")
+            if valid_request_id(text):
+                return text
             break
     return new_request_id()
 
@@ -147,15 +123,10 @@ class RequestContextMiddleware:
             # without one (chunked) the bytes are counted as they arrive.
             app_receive = receive if length is not None else receive_capped
             if length is not None and length > limit:
-                await self._send_problem(
-                    scope,
-                    send_with_id,
-                    request_id,
-                    PayloadTooLarge.status,
-                    PayloadTooLarge.slug,
-                    f"Request bodies are limited to {limit} bytes.",
-                    close=True,
+                too_large = PayloadTooLarge(
+                    f"Request bodies are limited to {limit} bytes.", headers={"Connection": "close"}
                 )
+                await problem_response(scope, too_large)(scope, receive, send_with_id)
             else:
                 await self.app(scope, app_receive, send_with_id)
         except Exception:
@@ -163,14 +134,8 @@ class RequestContextMiddleware:
             # problem with the request id, the trace only in the log.
             access_log.exception("unhandled error")
             if not started_response:
-                await self._send_problem(
-                    scope,
-                    send_with_id,
-                    request_id,
-                    InternalError.status,
-                    InternalError.slug,
-                    "An unexpected error occurred.",
-                )
+                internal = InternalError("An unexpected error occurred.")
+                await problem_response(scope, internal)(scope, receive, send_with_id)
         finally:
             duration = time.perf_counter() - started
             template = _route_template(scope)
@@ -189,61 +154,16 @@ class RequestContextMiddleware:
                 )
             request_id_var.reset(token)
 
-    async def _send_problem(
-        self,
-        scope: Scope,
-        send: Send,
-        request_id: str,
-        status: int,
-        slug: str,
-        detail: str,
-        *,
-        close: bool = False,
-    ) -> None:
-        body = dumps(
-            problem_body(
-                status=status,
-                slug=slug,
-                detail=detail,
-                instance=problem_instance(scope),
-                request_id=request_id,
-            )
-        )
-        headers = [
-            (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
-            (b"content-length", str(len(body)).encode()),
-        ]
-        if close:
-            headers.append((b"connection", b"close"))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
 
 class _RefusedPreflight(Response):
     """A refused CORS preflight as problem+json; the body needs the request's path and id."""
 
-    def __init__(self, detail: str, cors_headers: list[tuple[bytes, bytes]]) -> None:
-        super().__init__(status_code=BadRequest.status, media_type=PROBLEM_CONTENT_TYPE)
-        self._detail = detail
-        self._cors_headers = cors_headers
+    def __init__(self, refusal: BadRequest) -> None:
+        super().__init__(status_code=refusal.status_code)
+        self.refusal = refusal
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = dumps(
-            problem_body(
-                status=BadRequest.status,
-                slug=BadRequest.slug,
-                detail=self._detail,
-                instance=problem_instance(scope),
-                request_id=request_id_var.get(),
-            )
-        )
-        headers = [
-            *self._cors_headers,
-            (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
-            (b"content-length", str(len(body)).encode()),
-        ]
-        await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await problem_response(scope, self.refusal)(scope, receive, send)
 
 
 class ProblemCORSMiddleware(CORSMiddleware):
@@ -254,9 +174,9 @@ class ProblemCORSMiddleware(CORSMiddleware):
         if response.status_code != BadRequest.status:
             return response
         # Starlette's text names what was refused ("Disallowed CORS origin, headers").
-        cors_headers = [
-            (name, value)
+        cors_headers = {
+            name.decode("latin-1"): value.decode("latin-1")
             for name, value in response.raw_headers
             if name not in (b"content-type", b"content-length")
-        ]
-        return _RefusedPreflight(bytes(response.body).decode(), cors_headers)
+        }
+        return _RefusedPreflight(BadRequest(bytes(response.body).decode(), headers=cors_headers))

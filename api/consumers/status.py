@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from api.errors import InvalidTransition, NotFound
 from api.events import StatusUpdateMessage
 from api.helpers.backoff import reconnect_forever
 from api.helpers.logger import request_id_var
+from api.helpers.request_ids import new_request_id, valid_request_id
 from api.metrics import STATUS_MESSAGES
 from api.rabbit_core.client import RabbitClient, until_closed
 from api.schemas.orders import OrderRead
@@ -58,7 +58,6 @@ DEAD_LETTER_TIMEOUT = 5.0
 # Bounds each broker call on shutdown, so a broker that went away cannot hold it up.
 CLOSE_TIMEOUT = 2.0
 MAX_DETAIL_LENGTH = 500
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 # Called right after a status change commits (cache invalidation hooks in here).
 OnApplied = Callable[[OrderRead], Awaitable[None]]
@@ -139,9 +138,9 @@ def parse_status_message(message: AbstractIncomingMessage) -> StatusUpdateMessag
 def _request_id(message: AbstractIncomingMessage) -> str:
     """The correlation id (else the message id) when it is a valid request id; else a new one."""
     for candidate in (message.correlation_id, message.message_id):
-        if candidate and _REQUEST_ID_RE.match(candidate):
+        if candidate and valid_request_id(candidate):
             return candidate
-    return str(uuid.uuid4())
+    return new_request_id()
 
 
 def dead_letter_message(
