@@ -10,7 +10,7 @@ transaction mode nothing is left on a server connection between transactions.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -258,37 +258,17 @@ def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
 
 
-AfterCommit = Callable[[], Awaitable[object]]
-_AFTER_COMMIT = "after_commit"
-
-
-def after_commit(session: AsyncSession, callback: AfterCommit) -> None:
-    """Run `callback` once this session's transaction has committed (never on rollback)."""
-    session.info.setdefault(_AFTER_COMMIT, []).append(callback)
-
-
-async def run_after_commit(session: AsyncSession) -> None:
-    for callback in session.info.pop(_AFTER_COMMIT, ()):
-        await callback()
-
-
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """One transaction per request, committed when the endpoint returns.
+    """The request's session; what the route left uncommitted commits when it returns.
 
-    After-commit callbacks (cache invalidation) run before the response is sent,
-    so the client's next read already sees its write.
+    An error rolls it back. A route may commit earlier itself (`await session.commit()`)
+    when something must follow the commit within the request: the cache bump after a
+    write, a write that must hold though the answer is an error, or a slow wait that
+    should not keep a pooled connection. The next statement starts a new transaction.
     """
     async with get_state(request)["sessionmaker"]() as session:
-        async with session.begin():
-            yield session
-        await run_after_commit(session)
-
-
-@asynccontextmanager
-async def open_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """A transaction opened only when needed: cacheable reads touch the database on a miss."""
-    async with get_state(request)["sessionmaker"]() as session, session.begin():
         yield session
+        await session.commit()
 
 
 async def _checkout(engine: AsyncEngine) -> PoolProxiedConnection:

@@ -42,12 +42,11 @@ async def _authenticate(
     request: Request, session: AsyncSession, *, email: str, password: str
 ) -> uuid.UUID:
     """The id of the user whose email and password match, rehashing an outdated hash."""
-    state = get_state(request)
-    hashing = password_hashing(state["settings"])
-    # A short session of its own: the pooled connection goes back before the (possibly
-    # queued) argon2 verification, so a login burst cannot drain the pool for other routes.
-    async with state["sessionmaker"]() as read_session:
-        credentials = await user_queries.get_credentials(read_session, email=email)
+    hashing = password_hashing(get_state(request)["settings"])
+    credentials = await user_queries.get_credentials(session, email=email)
+    # The read's transaction ends here: the pooled connection goes back before the
+    # (possibly queued) argon2 verification, so a login burst cannot drain the pool.
+    await session.commit()
     # An unknown email is verified against a dummy hash: same work, same answer.
     outcome = await hashing.verify(credentials.password_hash if credentials else None, password)
     if credentials is None or outcome is Verification.FAILED:
@@ -123,20 +122,21 @@ async def token(
     responses={401: {"description": INVALID_REFRESH_TOKEN}},
     dependencies=[rate_limit("auth")],
 )
-async def refresh(body: RefreshRequest, request: Request) -> TokenPair:
+async def refresh(body: RefreshRequest, request: Request, session: SessionDep) -> TokenPair:
     """Exchange a refresh token for a new pair; replaying a used one revokes its whole family."""
-    state = get_state(request)
     token_hash = hash_refresh_token(body.refresh_token)
-    # Its own transaction rather than SessionDep: a detected replay must commit the
-    # family's revocation even though the answer is a 401 (raising would roll it back).
-    async with state["sessionmaker"]() as session, session.begin():
-        family = await user_queries.spend_refresh_token(session, token_hash=token_hash)
-        if family is not None:
-            request.scope["state"]["user_id"] = str(family.user_id)
-            return await _issue_tokens(
-                session, state["settings"], user_id=family.user_id, family_id=family.family_id
-            )
-        revoked = await user_queries.revoke_family_of_spent_token(session, token_hash=token_hash)
+    family = await user_queries.spend_refresh_token(session, token_hash=token_hash)
+    if family is not None:
+        request.scope["state"]["user_id"] = str(family.user_id)
+        return await _issue_tokens(
+            session,
+            get_state(request)["settings"],
+            user_id=family.user_id,
+            family_id=family.family_id,
+        )
+    revoked = await user_queries.revoke_family_of_spent_token(session, token_hash=token_hash)
+    # Committed before the 401: raising would roll the family's revocation back.
+    await session.commit()
     if revoked is not None:
         logger.warning(
             "refresh token reuse detected; token family revoked",

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.database.connection import SessionDep, after_commit, open_session, raw_connection
+from api.database.connection import SessionDep, raw_connection
 from api.database.query import orders as order_queries
 from api.dependencies import cached_read
 from api.dependencies.caller import (
@@ -120,15 +120,10 @@ async def _transition(
         owner_id=owner_id,
         expected_version=version,
     )
-    _invalidate_after_commit(request, session, transition.order.user_id, order_id)
+    # Committed here, so the cached reads it makes stale are bumped before the response.
+    await session.commit()
+    await cached_read.invalidate_after_write(request, transition.order.user_id, order_id)
     return order_response(order_service.encode_order(transition.order))
-
-
-def _invalidate_after_commit(
-    request: Request, session: AsyncSession, owner_id: uuid.UUID, order_id: uuid.UUID
-) -> None:
-    """The owner's and admins' cached reads go stale once this write commits."""
-    after_commit(session, lambda: cached_read.invalidate_after_write(request, owner_id, order_id))
 
 
 @router.post(
@@ -166,7 +161,7 @@ async def create_order(
                 request_id=request_id,
                 ttl=timedelta(hours=state["settings"].IDEMPOTENCY_TTL_HOURS),
             )
-    # Committed: the owner's and admins' cached reads are stale from now on.
+    # Committed (one statement): the owner's and admins' cached reads are stale from now on.
     if not outcome.replayed:
         await cached_read.invalidate_after_write(request, user_id)
     headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}
@@ -188,6 +183,7 @@ def _location(order_id: uuid.UUID) -> str:
 )
 async def list_orders(
     request: Request,
+    session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[
         str | None, Query(max_length=64, description="`next_cursor` of the previous page.")
@@ -205,18 +201,18 @@ async def list_orders(
         return Response(found.cached.body, media_type=JSON, headers=found.headers())
 
     async def load() -> bytes:
+        # On a miss only: a hit touches no database (the session connects on first use).
+        user = await get_current_user(request, session, token)
+        owner_id = owner_scope(user)
+        if user_id is not None:
+            if owner_id is None:
+                owner_id = user_id
+            elif user_id != owner_id:
+                raise Forbidden("Only admins may list another user's orders.")
         try:
-            async with open_session(request) as session:
-                user = await get_current_user(request, session, token)
-                owner_id = owner_scope(user)
-                if user_id is not None:
-                    if owner_id is None:
-                        owner_id = user_id
-                    elif user_id != owner_id:
-                        raise Forbidden("Only admins may list another user's orders.")
-                page = await order_service.read_order_page(
-                    session, owner_id=owner_id, status=status, cursor=cursor, limit=limit
-                )
+            page = await order_service.read_order_page(
+                session, owner_id=owner_id, status=status, cursor=cursor, limit=limit
+            )
         except InvalidCursor as exc:
             raise ValidationFailed(
                 "The request is not valid.",

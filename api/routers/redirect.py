@@ -10,7 +10,8 @@ import orjson
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import ValidationError
 
-from api.dependencies.caller import get_current_user, oauth2_scheme
+from api.database.connection import SessionDep
+from api.dependencies.caller import CurrentUser
 from api.dependencies.limits import rate_limit
 from api.errors import (
     BadGateway,
@@ -58,17 +59,14 @@ RESERVED_REPLY_HEADERS = frozenset(
 RESERVED_REPLY_PREFIXES = ("access-control-",)
 
 
-async def get_gateway_user(
-    request: Request, token: Annotated[str | None, Depends(oauth2_scheme)]
-) -> Principal:
-    """The caller, checked exactly like `CurrentUser` but in a transaction of its own.
+async def get_gateway_user(user: CurrentUser, session: SessionDep) -> Principal:
+    """`CurrentUser`, with the request's transaction ended as soon as the caller is known.
 
-    `CurrentUser` keeps the request's session (and its pooled connection) open until
-    the endpoint returns; a gateway call waits up to REDIRECT_TIMEOUT for another
-    service, so it releases the connection as soon as the caller is known.
+    A gateway call waits up to REDIRECT_TIMEOUT for another service; the pooled
+    connection goes back first.
     """
-    async with get_state(request)["sessionmaker"]() as session, session.begin():
-        return await get_current_user(request, session, token)
+    await session.commit()
+    return user
 
 
 GatewayUser = Annotated[Principal, Depends(get_gateway_user)]
