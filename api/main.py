@@ -31,7 +31,7 @@ from api.errors import (
 from api.event_workers import EventWorkers
 from api.helpers.logger import configure_logging
 from api.helpers.orjson_coder import ORJSONResponse
-from api.media_types import is_json_media_type, require_json_bodies
+from api.media_types import check_json_body_routes, is_json_media_type
 from api.middleware import ProblemCORSMiddleware, RequestContextMiddleware
 from api.rabbit_core.client import RabbitClient, RabbitUnavailable
 from api.rabbit_core.rpc import RpcClient
@@ -289,8 +289,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         events.router,
     ):
         app.router.routes.extend(router.routes)
+    check_json_body_routes(app.routes)
     openapi.install(app)
     docs.install(app)
-    require_json_bodies(app)
     instrument_app(app)
     return app

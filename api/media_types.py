@@ -8,11 +8,14 @@ have no JSON body field and are left alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine, Iterable
 from email.message import Message
+from typing import Any
 
-from fastapi import FastAPI, params
+from fastapi import Request, Response, params
 from fastapi.routing import APIRoute
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.routing import BaseRoute
+from starlette.types import Scope
 
 from api.errors import UnsupportedMediaType
 
@@ -43,29 +46,46 @@ def _declares_body(scope: Scope) -> tuple[str | None, bool]:
     return content_type, has_body
 
 
-def _require_json(app: ASGIApp) -> ASGIApp:
-    async def checked(scope: Scope, receive: Receive, send: Send) -> None:
-        content_type, has_body = _declares_body(scope)
-        # No Content-Type and no body is a missing body: validation answers that (422).
-        if (content_type is not None or has_body) and not is_json_media_type(content_type or ""):
-            raise UnsupportedMediaType(
-                f"The request body must be {JSON_MEDIA_TYPE}; "
-                f"got {content_type or 'no Content-Type'}.",
-                # RFC 9110 §15.5.16: `Accept` names the media types that would do.
-                headers={"Accept": JSON_MEDIA_TYPE},
-            )
-        await app(scope, receive, send)
-
-    return checked
+def refuse_non_json_body(scope: Scope) -> None:
+    """415 when the request declares a body (or a Content-Type) that is not JSON."""
+    content_type, has_body = _declares_body(scope)
+    # No Content-Type and no body is a missing body: validation answers that (422).
+    if (content_type is not None or has_body) and not is_json_media_type(content_type or ""):
+        raise UnsupportedMediaType(
+            f"The request body must be {JSON_MEDIA_TYPE}; got {content_type or 'no Content-Type'}.",
+            # RFC 9110 §15.5.16: `Accept` names the media types that would do.
+            headers={"Accept": JSON_MEDIA_TYPE},
+        )
 
 
-def _has_json_body(route: APIRoute) -> bool:
+def has_json_body(route: APIRoute) -> bool:
     field = route.body_field
     return field is not None and not isinstance(field.field_info, params.Form)
 
 
-def require_json_bodies(app: FastAPI) -> None:
-    """Guard every route of `app` that reads a JSON body with the Content-Type check."""
-    for route in app.router.routes:
-        if isinstance(route, APIRoute) and _has_json_body(route):
-            route.app = _require_json(route.app)
+class JSONBodyRoute(APIRoute):
+    """The route class of our routers: a route with a JSON body field refuses other media types.
+
+    FastAPI's documented hook for wrapping a route's handler (`get_route_handler`); the
+    check runs before the body is read or any dependency is solved.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        if not has_json_body(self):
+            return handler
+
+        async def json_only(request: Request) -> Response:
+            refuse_non_json_body(request.scope)
+            return await handler(request)
+
+        return json_only
+
+
+def check_json_body_routes(routes: Iterable[BaseRoute]) -> None:
+    """Refuse to build an app with a JSON-body route that would not answer 415."""
+    for route in routes:
+        if not isinstance(route, APIRoute) or isinstance(route, JSONBodyRoute):
+            continue
+        if has_json_body(route):
+            raise TypeError(f"{route.path}: its router needs route_class=JSONBodyRoute")

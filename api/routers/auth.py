@@ -18,6 +18,7 @@ from api.dependencies.limits import rate_limit
 from api.errors import Conflict, Unauthorized
 from api.helpers.auth import create_access_token, hash_refresh_token, new_refresh_token
 from api.helpers.hashers import Verification, password_hashing
+from api.media_types import JSONBodyRoute
 from api.schemas.auth import (
     LoginRequest,
     RefreshRequest,
@@ -28,7 +29,7 @@ from api.schemas.auth import (
 )
 from api.state import get_state
 
-router = APIRouter(prefix="/v1/auth", tags=["auth"])
+router = APIRouter(prefix="/v1/auth", tags=["auth"], route_class=JSONBodyRoute)
 logger = logging.getLogger(__name__)
 
 # One message for an unknown email and a wrong password: the body reveals nothing.

@@ -27,13 +27,14 @@ from api.helpers.enums import OrderStatus
 from api.helpers.etags import if_match_versions, none_match, order_etag
 from api.helpers.logger import request_id_var
 from api.helpers.pagination import InvalidCursor
+from api.media_types import JSONBodyRoute
 from api.schemas.orders import OrderCreate, OrderPage, OrderRead, OrderStatusUpdate
 from api.services import orders as order_service
 from api.services.idempotency import IDEMPOTENCY_KEY_PATTERN, CreateOutcome, create_order_once
 from api.services.orders import INITIAL_VERSION, EncodedOrder
 from api.state import get_state
 
-router = APIRouter(prefix="/v1/orders", tags=["orders"])
+router = APIRouter(prefix="/v1/orders", tags=["orders"], route_class=JSONBodyRoute)
 
 JSON = "application/json"
 # No order is ever at version 0, so expecting it always fails the precondition.
