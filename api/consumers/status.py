@@ -37,6 +37,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.configs import Settings
+from api.database.connection import is_database_outage
 from api.database.query import orders as order_queries
 from api.database.query.processed_messages import record_processed_message
 from api.errors import InvalidTransition, NotFound
@@ -104,15 +105,13 @@ TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014"})
 
 
 def _is_transient(exc: BaseException) -> bool:
-    """A failure worth retrying: the database or the network, not the message."""
+    """A failure worth retrying: the database is out, or a conflict; not the message."""
+    if is_database_outage(exc):
+        return True
     if isinstance(exc, sa_exc.DBAPIError):
         sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-        return (
-            exc.connection_invalidated
-            or isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError)
-            or sqlstate in TRANSIENT_SQLSTATES
-        )
-    return isinstance(exc, sa_exc.TimeoutError | TimeoutError | OSError)
+        return sqlstate in TRANSIENT_SQLSTATES
+    return False
 
 
 def parse_status_message(message: AbstractIncomingMessage) -> StatusUpdateMessage:

@@ -18,6 +18,7 @@ import asyncpg
 import orjson
 from fastapi import Depends, Request
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -194,6 +195,42 @@ def ends_the_connection(exc: BaseException | None) -> bool:
 
 
 _FATAL = ("FATAL", "PANIC")
+
+# PostgreSQL answers that mean "not now" rather than "this request is wrong".
+_OUTAGE_CAUSES = (
+    asyncpg.PostgresConnectionError,  # admin shutdown, cannot connect now, too many clients
+    asyncpg.InterfaceError,
+    asyncpg.OperatorInterventionError,  # statement_timeout, admin shutdown
+    asyncpg.InsufficientResourcesError,
+    # A write on a node that is no longer the primary (demoted or fenced); the
+    # connection is dropped and the next one goes to the primary of POSTGRES_HOSTS.
+    asyncpg.ReadOnlySQLTransactionError,
+    OSError,  # refused or unreachable, NoPrimaryError, BrokenConnectionError
+    TimeoutError,
+)
+
+
+def is_database_outage(exc: BaseException) -> bool:
+    """PostgreSQL cannot serve now: down, unreachable, overloaded, failing over, timed out.
+
+    The one judgement of it: the HTTP layer answers 503, the status consumer retries.
+    It takes SQLAlchemy's errors (the driver's error in `orig`, its own pool timeout)
+    and the driver's own, raised by statements on a `raw_connection`.
+    """
+    if isinstance(exc, sa_exc.TimeoutError):  # no pooled connection within POSTGRES_POOL_TIMEOUT
+        return True
+    cause: BaseException | None = exc
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated or isinstance(
+            exc, sa_exc.OperationalError | sa_exc.InterfaceError
+        ):
+            return True
+        cause = exc.orig
+    while cause is not None:
+        if isinstance(cause, _OUTAGE_CAUSES):
+            return True
+        cause = cause.__cause__
+    return False
 
 
 def _invalidate_ended_connections(context: ExceptionContext) -> None:
