@@ -302,10 +302,16 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     when something must follow the commit within the request: the cache bump after a
     write, a write that must hold though the answer is an error, or a slow wait that
     should not keep a pooled connection. The next statement starts a new transaction.
+    A request that ran no SQL (a cache hit) costs only the session object.
     """
-    async with get_state(request)["sessionmaker"]() as session:
+    session = get_state(request)["sessionmaker"]()
+    try:
         yield session
-        await session.commit()
+        if session.in_transaction():
+            await session.commit()
+    finally:
+        if session.in_transaction():  # an error, or a failed commit: roll back, release
+            await session.close()
 
 
 async def _checkout(engine: AsyncEngine) -> PoolProxiedConnection:
