@@ -13,28 +13,11 @@ from prometheus_client import (
     Histogram,
     generate_latest,
     multiprocess,
-    values,
 )
 
-_pid = os.getpid()
-
-
-def _process_id() -> int:
-    return _pid
-
-
-def _after_fork_in_child() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    # A multiprocess value asks os.getpid() on every update, to notice a fork: a system
-    # call per increment (2 % of a cached read's CPU in py-spy). The pid is kept here
-    # instead, and refreshed in a forked child. Set before any metric value exists.
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-    values.ValueClass = values.MultiProcessValue(process_identifier=_process_id)  # type: ignore[no-untyped-call]
-
+# In multiprocess mode each update asks os.getpid() (prometheus-client notices a fork
+# that way): ~0.25 us, under 1 % of a request's CPU and not visible in an A/B under wrk,
+# so the library's own value class is used as it comes.
 HTTP_REQUESTS = Counter(
     "http_requests_total",
     "HTTP requests by method, route template and status.",
