@@ -164,7 +164,9 @@ def problem_instance(scope: Scope) -> str:
         path = bytes(raw).partition(b"?")[0].decode("latin-1")
     else:
         path = quote(str(scope["path"]), safe="/")
-    return quote(_STRAY_PERCENT.sub("%25", path), safe=_PATH_SAFE)
+    # Latin-1 both ways: each byte as sent comes back as its own %XX (UTF-8 would encode
+    # the decoded bytes a second time).
+    return quote(_STRAY_PERCENT.sub("%25", path), safe=_PATH_SAFE, encoding="latin-1")
 
 
 def problem_body(
