@@ -164,7 +164,12 @@ async def _place_order(server: LiveServer, headers: dict[str, str]) -> str:
 
 
 async def test_make_run_prints_every_url_once_ready_and_each_answers(live: LiveServer) -> None:
-    banner = live.stderr.read_text()
+    # The banner's thread polls /ping every 0.2 s: readiness may pass just before it writes.
+    deadline = time.monotonic() + 10
+    while "orders-api is ready" not in (banner := live.stderr.read_text()):
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
     assert banner.count("orders-api is ready") == 1, banner
     urls = re.findall(r"http://127\.0\.0\.1:\d+\S*", banner)
     expected = ["/v1", "/docs", "/redoc", "/openapi.json", "/asyncapi.json", "/metrics"]
