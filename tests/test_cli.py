@@ -11,12 +11,12 @@ import uuid
 
 import aio_pika
 import aiormq
-import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis
 
 from api.configs import Settings
+from api.database.connection import connect_raw
 from api.rabbit_core.topology import TopologyNames, declare_topology
 from tests.event_helpers import scratch_events_environment, settings_env
 from tests.factories import TestUser
@@ -146,12 +146,7 @@ async def test_clean_drops_the_database_the_prefixed_keys_and_the_rabbitmq_names
 
 
 async def _database_exists(settings: Settings) -> bool:
-    conn = await asyncpg.connect(
-        host=settings.POSTGRES_HOST,
-        port=settings.POSTGRES_PORT,
-        user=settings.POSTGRES_USER,
-        database="postgres",
-    )
+    conn = await connect_raw(settings, database="postgres", timeouts=False)
     try:
         found = await conn.fetchval(
             "SELECT 1 FROM pg_database WHERE datname = $1", settings.POSTGRES_DB

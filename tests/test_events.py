@@ -13,7 +13,6 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import aio_pika
-import asyncpg
 import httpx
 import jsonschema_rs
 import pytest
@@ -24,7 +23,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.configs import Settings
-from api.database.connection import create_engine, create_sessionmaker
+from api.database.connection import connect_raw, create_engine, create_sessionmaker
 from api.events import CONTENT_TYPE, EventType
 from api.helpers.enums import OrderStatus
 from api.helpers.orjson_coder import dumps, loads
@@ -417,13 +416,7 @@ async def test_sent_rows_are_deleted_after_the_retention_period(settings: Settin
 
 
 async def _listener_pids(settings: Settings) -> list[int]:
-    connection = await asyncpg.connect(
-        host=settings.POSTGRES_HOST,
-        port=settings.POSTGRES_PORT,
-        user=settings.POSTGRES_USER,
-        password=settings.POSTGRES_PASSWORD.get_secret_value() or None,
-        database=settings.POSTGRES_DB,
-    )
+    connection = await connect_raw(settings, timeouts=False)
     try:
         rows = await connection.fetch(
             "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = $2",
@@ -446,13 +439,7 @@ async def _wait_for_listener(settings: Settings, *, present: bool, timeout: floa
 async def _terminate_listener(settings: Settings) -> None:
     pids = await _listener_pids(settings)
     assert pids
-    connection = await asyncpg.connect(
-        host=settings.POSTGRES_HOST,
-        port=settings.POSTGRES_PORT,
-        user=settings.POSTGRES_USER,
-        password=settings.POSTGRES_PASSWORD.get_secret_value() or None,
-        database=settings.POSTGRES_DB,
-    )
+    connection = await connect_raw(settings, timeouts=False)
     try:
         for pid in pids:
             await connection.execute("SELECT pg_terminate_backend($1)", pid)

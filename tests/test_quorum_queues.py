@@ -8,12 +8,11 @@ import uuid
 from typing import Any
 
 import aio_pika
-import asyncpg
 import pytest
 
 from api.configs import Settings
 from api.consumers.status import StatusConsumer
-from api.database.connection import create_engine, create_sessionmaker
+from api.database.connection import connect_raw, create_engine, create_sessionmaker
 from api.helpers.enums import OrderStatus
 from api.helpers.orjson_coder import dumps
 from api.metrics import STATUS_MESSAGES
@@ -84,12 +83,7 @@ async def test_a_status_message_that_fails_every_time_is_dead_lettered_after_the
         user = await make_user(sessionmaker, scratch)
         order = await insert_order(sessionmaker, user_id=user.id)
         # Every attempt to apply it waits for this row lock until its statement times out.
-        holder = await asyncpg.connect(
-            host=scratch.POSTGRES_HOST,
-            port=scratch.POSTGRES_PORT,
-            user=scratch.POSTGRES_USER,
-            database=scratch.POSTGRES_DB,
-        )
+        holder = await connect_raw(scratch, timeouts=False)
         try:
             transaction = holder.transaction()
             await transaction.start()

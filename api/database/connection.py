@@ -330,7 +330,9 @@ async def raw_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connectio
     On a single-row read or write SQLAlchemy's per-statement work (cache keys, compiled
     cache lookup, result processing) costs more CPU than the round trip; here a statement
     goes straight to asyncpg's prepared-statement cache. Use it for one statement in
-    autocommit (its own transaction); the connection must go back idle. A connection that
+    autocommit (its own transaction), or for a transaction (`connection.transaction()`)
+    that ends inside the block, as the relay's batch does; the connection must go back
+    idle. A connection that
     PostgreSQL closed is never handed out, and one left in an unknown state by an error
     that is not PostgreSQL's own answer, or ended by one (`ends_the_connection`), is
     discarded instead of returned.

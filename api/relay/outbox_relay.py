@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from api.configs import Settings
+from api.database.connection import raw_connection
 from api.database.query import outbox as outbox_queries
 from api.database.query.outbox import ClaimedEvent
 from api.helpers.backoff import Backoff
@@ -70,6 +71,8 @@ class OutboxRelay:
         self._lanes = lanes
         self._nodes = settings.rabbitmq_nodes
         self._sessionmaker = sessionmaker
+        # The batches run on the same pool's connections, raw (`query/outbox.py` says why).
+        self._engine: AsyncEngine = sessionmaker.kw["bind"]
         self._rabbit = rabbit
         self._batch_size = settings.OUTBOX_BATCH_SIZE
         self._poll_interval = settings.OUTBOX_POLL_INTERVAL
@@ -182,17 +185,17 @@ class OutboxRelay:
         """Claim, publish, confirm and mark one batch in one transaction."""
         if not self._rabbit.is_connected:
             raise RabbitUnavailable("RabbitMQ is not connected")
-        async with self._sessionmaker() as session, session.begin():
-            claim = await outbox_queries.claim_outbox_batch(session, limit=self._batch_size)
+        async with raw_connection(self._engine) as connection, connection.transaction():
+            claim = await outbox_queries.claim_outbox_batch(connection, limit=self._batch_size)
             events = claim.events
             if not events:
                 return BatchResult(claimed=0, failed=0)
             outcomes = await self._publisher.publish_batch(events)
             sent, failed, error = _split(events, outcomes)
-            await outbox_queries.mark_outbox_sent(session, ids=sent)
+            await outbox_queries.mark_outbox_sent(connection, ids=sent)
             if error is not None:
                 await outbox_queries.record_outbox_failure(
-                    session, ids=failed, error=describe_failure(error)
+                    connection, ids=failed, error=describe_failure(error)
                 )
         OUTBOX_PUBLISHED.inc(len(sent))
         self.published += len(sent)

@@ -1,4 +1,11 @@
-"""SQL for the transactional outbox."""
+"""SQL for the transactional outbox.
+
+The relay's batch (claim, mark sent, record a failure) runs on a raw asyncpg connection
+in one transaction: the relay is CPU-bound at thousands of events a second, and
+SQLAlchemy's work on a 500-row claim and its mark cost 4.1 ms of CPU a batch against
+1.35 ms on asyncpg (measured; the whole batch costs about 60 ms). The rest goes through
+the session.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
-from sqlalchemy import BigInteger, any_, bindparam, func, insert, select, text, update
-from sqlalchemy.dialects.postgresql import ARRAY
+import asyncpg
+from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.database.query.batches import delete_batch
@@ -18,11 +24,6 @@ from api.models import OutboxEvent
 
 # Longest `last_error` kept; the full trace belongs in the log, not in the row.
 MAX_ERROR_LENGTH = 500
-
-
-def _id_array(ids: Sequence[int]) -> Any:
-    # One array parameter, so the statement text (and its prepared plan) is the same for any size.
-    return bindparam("ids", list(ids), type_=ARRAY(BigInteger))
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,14 +88,15 @@ PARTITION_LOCK_NAMESPACE = 0x4F42  # "OB"
 
 # Claim the oldest unsent events of the partitions (of the order id) no other relay
 # transaction holds:
-# - `oldest`: the oldest :scan unsent rows and their partitions;
+# - `oldest`: the oldest $2 (scan) unsent rows and their partitions ($1: the mask);
 # - `held`: the partitions among them, oldest first, whose transaction-scoped advisory
-#   lock this transaction gets without waiting (at most :max_partitions, so concurrent
+#   lock (namespace $3) this transaction gets without waiting (at most $4, so concurrent
 #   relays share the work). `OFFSET 0` keeps the lock call out of the subquery (the
 #   planner would otherwise push it into the aggregate, where it ran on every candidate
 #   and took every free partition), so the outer LIMIT stops the calls at the
-#   :max_partitions-th lock it gets, oldest partition first;
-# - those rows of `oldest` that are in a held partition, locked, oldest first, each with
+#   $4th lock it gets, oldest partition first;
+# - those rows of `oldest` that are in a held partition, locked, oldest first (at most
+#   $5), each with
 #   the number of rows `oldest` found (more than were claimed: work is left for the next
 #   claim, by this relay or another).
 # `oldest` is a prefix of the unsent rows, so what is claimed of a partition is a prefix
@@ -104,11 +106,10 @@ PARTITION_LOCK_NAMESPACE = 0x4F42  # "OB"
 # being serialised by the order's row lock). A row another transaction still locks is
 # waited for, not skipped: skipping it would publish that order's next event first.
 # Transaction-scoped advisory locks work behind PgBouncer in transaction mode.
-_CLAIM = text(
-    f"""
+_CLAIM = f"""
 WITH oldest AS MATERIALIZED (
-    SELECT id, hashtext(coalesce(order_id::text, '')) & :mask AS partition
-    FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT :scan
+    SELECT id, hashtext(coalesce(order_id::text, '')) & $1 AS partition
+    FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT $2
 ),
 held AS MATERIALIZED (
     SELECT partition
@@ -116,8 +117,8 @@ held AS MATERIALIZED (
         SELECT partition, min(id) AS first_id FROM oldest GROUP BY partition
         ORDER BY first_id OFFSET 0
     ) candidates
-    WHERE pg_try_advisory_xact_lock(:namespace, partition)
-    LIMIT :max_partitions
+    WHERE pg_try_advisory_xact_lock($3, partition)
+    LIMIT $4
 )
 SELECT {", ".join(column.name for column in CLAIMED_COLUMNS)},
        (SELECT count(*) FROM oldest) AS scanned
@@ -125,9 +126,13 @@ FROM outbox
 WHERE id IN (SELECT id FROM oldest WHERE partition IN (SELECT partition FROM held))
   AND sent_at IS NULL
 ORDER BY id
-LIMIT :limit
+LIMIT $5
 FOR UPDATE
 """  # noqa: S608 -- the column names come from the model, nothing from input
+
+_MARK_SENT = "UPDATE outbox SET sent_at = now() WHERE id = ANY($1::bigint[])"
+_RECORD_FAILURE = (
+    "UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1::bigint[])"
 )
 
 
@@ -139,52 +144,42 @@ class Claim:
     more: bool
 
 
-async def claim_outbox_batch(session: AsyncSession, *, limit: int) -> Claim:
-    """Lock up to `limit` of the oldest unsent rows of partitions no other relay holds."""
-    result = await session.execute(
+async def claim_outbox_batch(connection: asyncpg.Connection, *, limit: int) -> Claim:
+    """Lock up to `limit` of the oldest unsent rows of partitions no other relay holds.
+
+    In the caller's transaction, which the locks last as long as.
+    """
+    rows = await connection.fetch(
         _CLAIM,
-        {
-            # Enough rows that the partitions one claim may hold fill a batch.
-            "scan": limit * OUTBOX_PARTITIONS // MAX_PARTITIONS_PER_CLAIM,
-            "mask": OUTBOX_PARTITIONS - 1,
-            "namespace": PARTITION_LOCK_NAMESPACE,
-            "max_partitions": MAX_PARTITIONS_PER_CLAIM,
-            "limit": limit,
-        },
+        OUTBOX_PARTITIONS - 1,
+        # Enough rows that the partitions one claim may hold fill a batch.
+        limit * OUTBOX_PARTITIONS // MAX_PARTITIONS_PER_CLAIM,
+        PARTITION_LOCK_NAMESPACE,
+        MAX_PARTITIONS_PER_CLAIM,
+        limit,
     )
-    rows = result.all()
     events = [ClaimedEvent(*row[:-1]) for row in rows]
     # Nothing claimed says nothing of the rest: every partition may be held by others.
-    return Claim(events, more=bool(rows) and rows[0].scanned > len(rows))
+    return Claim(events, more=bool(rows) and rows[0]["scanned"] > len(rows))
 
 
-async def mark_outbox_sent(session: AsyncSession, *, ids: Sequence[int]) -> None:
+async def mark_outbox_sent(connection: asyncpg.Connection, *, ids: Sequence[int]) -> None:
     """Stamp claimed rows as confirmed by the broker.
 
     The transaction's commit does not wait for its WAL flush: a stamp lost in a
     PostgreSQL crash only means those rows are published again, with the same ids.
     """
     if ids:
-        await session.execute(text("SET LOCAL synchronous_commit = off"))
-        await session.execute(
-            update(OutboxEvent)
-            .where(OutboxEvent.id == any_(_id_array(ids)))
-            .values(sent_at=func.now())
-            # No ORM objects to keep in step: without this, the session works out the
-            # identity of every updated row (a profiled 0.6 % of a worker under POST load).
-            .execution_options(synchronize_session=False)
-        )
+        await connection.execute("SET LOCAL synchronous_commit = off")
+        await connection.execute(_MARK_SENT, ids)
 
 
-async def record_outbox_failure(session: AsyncSession, *, ids: Sequence[int], error: str) -> None:
+async def record_outbox_failure(
+    connection: asyncpg.Connection, *, ids: Sequence[int], error: str
+) -> None:
     """Count one more failed attempt on claimed rows, keeping the latest error."""
     if ids:
-        await session.execute(
-            update(OutboxEvent)
-            .where(OutboxEvent.id == any_(_id_array(ids)))
-            .values(attempts=OutboxEvent.attempts + 1, last_error=error[:MAX_ERROR_LENGTH])
-            .execution_options(synchronize_session=False)
-        )
+        await connection.execute(_RECORD_FAILURE, ids, error[:MAX_ERROR_LENGTH])
 
 
 async def count_outbox_backlog(session: AsyncSession) -> int:
