@@ -545,7 +545,7 @@ async def measure_outbox(run: Run, comparison: Comparison) -> ComparisonResult:
     for attempt in (1, 2):
         try:
             rates = await measure_outbox_drain(
-                events=events, rounds=min(run.config.rounds, 2), base=run.settings
+                events=events, rounds=run.config.rounds, base=run.settings
             )
             break
         except Exception as exc:  # the HTTP figures are kept whatever happens here
