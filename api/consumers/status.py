@@ -46,7 +46,7 @@ from api.helpers.backoff import reconnect_forever
 from api.helpers.logger import request_id_var
 from api.helpers.request_ids import new_request_id, valid_request_id
 from api.metrics import STATUS_MESSAGES
-from api.rabbit_core.client import RabbitClient, until_closed
+from api.rabbit_core.client import CLOSE_TIMEOUT, RabbitClient, until_closed
 from api.schemas.orders import OrderRead
 from api.services.orders import transition_order
 from api.tracing import consume_span
@@ -56,8 +56,6 @@ logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024
 RETRY_DELAY = 1.0
 DEAD_LETTER_TIMEOUT = 5.0
-# Bounds each broker call on shutdown, so a broker that went away cannot hold it up.
-CLOSE_TIMEOUT = 2.0
 MAX_DETAIL_LENGTH = 500
 
 # Called right after a status change commits (cache invalidation hooks in here).

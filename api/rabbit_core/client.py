@@ -39,7 +39,9 @@ Declare = Callable[[AbstractChannel, TopologyNames], Awaitable[object]]
 CLOSE_TIMEOUT = 2.0
 
 
-class _State(Enum):
+class Lifecycle(Enum):
+    """Where a long-lived AMQP object is: started once, closed once."""
+
     NEW = auto()
     STARTED = auto()
     CLOSED = auto()
@@ -69,7 +71,7 @@ class RabbitClient:
         self._next_node = 0
         self._name = name
         self.names = TopologyNames.from_settings(settings)
-        self._state = _State.NEW
+        self._state = Lifecycle.NEW
         self._connection: AbstractConnection | None = None
         self._connected = asyncio.Event()
         self._stop = asyncio.Event()
@@ -80,9 +82,9 @@ class RabbitClient:
         self.misconfiguration: str | None = None
 
     async def start(self) -> None:
-        if self._state is not _State.NEW:
+        if self._state is not Lifecycle.NEW:
             raise RuntimeError("RabbitClient.start() may be called once")
-        self._state = _State.STARTED
+        self._state = Lifecycle.STARTED
         self._task = asyncio.create_task(self._run(), name="rabbitmq-connect")
 
     async def _run(self) -> None:
@@ -163,7 +165,7 @@ class RabbitClient:
 
     @property
     def connection(self) -> AbstractConnection:
-        if self._state is _State.CLOSED:
+        if self._state is Lifecycle.CLOSED:
             raise RuntimeError("RabbitClient is closed")
         connection = self._connection
         if connection is None or not self._connected.is_set():
@@ -174,7 +176,7 @@ class RabbitClient:
 
     async def wait_connected(self, timeout: float | None = None) -> AbstractConnection:
         """The connection, waiting up to `timeout` seconds for one."""
-        if self._state is _State.CLOSED:
+        if self._state is Lifecycle.CLOSED:
             raise RuntimeError("RabbitClient is closed")
         if self.misconfiguration is not None:
             raise RabbitMisconfigured(self.misconfiguration)
@@ -188,9 +190,9 @@ class RabbitClient:
         return await self.connection.channel(publisher_confirms=publisher_confirms)
 
     async def close(self) -> None:
-        if self._state is _State.CLOSED:
+        if self._state is Lifecycle.CLOSED:
             return
-        self._state = _State.CLOSED
+        self._state = Lifecycle.CLOSED
         self._stop.set()
         if self._task is not None:
             if self._connected.is_set():

@@ -14,14 +14,19 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from enum import Enum, auto
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, FieldValue
 from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
 
 from api.helpers.backoff import reconnect_forever
-from api.rabbit_core.client import CLOSE_TIMEOUT, RabbitClient, RabbitUnavailable, until_closed
+from api.rabbit_core.client import (
+    CLOSE_TIMEOUT,
+    Lifecycle,
+    RabbitClient,
+    RabbitUnavailable,
+    until_closed,
+)
 from api.tracing import trace_headers
 
 
@@ -33,12 +38,6 @@ def _trace_headers() -> dict[str, FieldValue] | None:
 logger = logging.getLogger(__name__)
 
 REPLY_TO = "amq.rabbitmq.reply-to"
-
-
-class _State(Enum):
-    NEW = auto()
-    STARTED = auto()
-    CLOSED = auto()
 
 
 class RpcError(Exception):
@@ -58,7 +57,7 @@ class RpcClient:
 
     def __init__(self, rabbit: RabbitClient) -> None:
         self._rabbit = rabbit
-        self._state = _State.NEW
+        self._state = Lifecycle.NEW
         self._task: asyncio.Task[None] | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
@@ -69,9 +68,9 @@ class RpcClient:
 
     async def start(self) -> None:
         """Attach in the background once RabbitMQ is connected; never waits for the broker."""
-        if self._state is not _State.NEW:
+        if self._state is not Lifecycle.NEW:
             raise RuntimeError("RpcClient.start() may be called once")
-        self._state = _State.STARTED
+        self._state = Lifecycle.STARTED
         self._task = asyncio.create_task(self._attach_forever(), name="rabbitmq-rpc-attach")
 
     async def wait_ready(self, timeout: float | None = None) -> None:
@@ -156,7 +155,7 @@ class RpcClient:
 
     async def _ready_exchange(self, deadline: float) -> AbstractExchange:
         """The RPC exchange on our channel, failing fast while RabbitMQ is down."""
-        if self._state is _State.CLOSED:
+        if self._state is Lifecycle.CLOSED:
             raise RuntimeError("RpcClient is closed")
         channel, exchange = self._channel, self._exchange
         if not self._attached.is_set() or channel is None or exchange is None or channel.is_closed:
@@ -198,9 +197,9 @@ class RpcClient:
 
     async def close(self) -> None:
         """Stop attaching, fail what is still waiting and close the channel."""
-        if self._state is _State.CLOSED:
+        if self._state is Lifecycle.CLOSED:
             return
-        self._state = _State.CLOSED
+        self._state = Lifecycle.CLOSED
         self._stop.set()
         if self._task is not None:
             # Attached: the session fails the pending calls and closes its channel itself.
