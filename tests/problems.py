@@ -11,6 +11,28 @@ PROBLEM_TYPE = "urn:orders-api:problem:"
 # Every member `api.errors.problem_body` writes; `errors` is added for validation failures.
 PROBLEM_KEYS = {"type", "title", "status", "detail", "instance", "request_id"}
 
+# SPEC §3's list, written out.
+CONTRACT_SLUGS = {
+    "validation-error",
+    "unauthorized",
+    "forbidden",
+    "not-found",
+    "conflict",
+    "invalid-transition",
+    "idempotency-key-reused",
+    "idempotency-key-in-use",
+    "precondition-failed",
+    "rate-limited",
+    "payload-too-large",
+    "service-unavailable",
+    "bad-gateway",
+    "upstream-timeout",
+    "internal-error",
+    "method-not-allowed",
+    "bad-request",
+    "unsupported-media-type",
+}
+
 
 def assert_problem(response: httpx.Response, status: int, slug: str) -> dict[str, Any]:
     """The response is exactly an RFC 9457 problem with this status and slug; its body."""

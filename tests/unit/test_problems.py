@@ -24,30 +24,9 @@ from api.errors import (
 )
 from api.main import handle_http_error
 from api.middleware import RequestContextMiddleware
-from tests.problems import PROBLEM, PROBLEM_KEYS, assert_problem
+from tests.problems import CONTRACT_SLUGS, PROBLEM, PROBLEM_KEYS, assert_problem
 
 LIMIT = 1024
-# SPEC §3's list, written out.
-CONTRACT_SLUGS = {
-    "validation-error",
-    "unauthorized",
-    "forbidden",
-    "not-found",
-    "conflict",
-    "invalid-transition",
-    "idempotency-key-reused",
-    "idempotency-key-in-use",
-    "precondition-failed",
-    "rate-limited",
-    "payload-too-large",
-    "service-unavailable",
-    "bad-gateway",
-    "upstream-timeout",
-    "internal-error",
-    "method-not-allowed",
-    "bad-request",
-    "unsupported-media-type",
-}
 
 
 def _subclasses(cls: type[ProblemError]) -> set[type[ProblemError]]:
