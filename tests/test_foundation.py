@@ -59,17 +59,6 @@ async def test_request_id_is_echoed_when_valid(client: httpx.AsyncClient) -> Non
     assert response.headers["x-request-id"] == "abc.DEF-123:x_y"
 
 
-@pytest.mark.parametrize("bad", ["", "has space", "x" * 129, "semi;colon"])
-async def test_invalid_request_id_is_replaced_by_a_uuid(
-    client: httpx.AsyncClient, bad: str
-) -> None:
-    response = await client.get("/ping", headers={"X-Request-ID": bad})
-    generated = response.headers["x-request-id"]
-    assert generated != bad
-    assert str(uuid.UUID(generated)) == generated
-    assert uuid.UUID(generated).version == 4
-
-
 async def test_generated_request_ids_are_distinct_version_4_uuids(
     client: httpx.AsyncClient,
 ) -> None:

@@ -332,10 +332,9 @@ async def raw_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connectio
     goes straight to asyncpg's prepared-statement cache. Use it for one statement in
     autocommit (its own transaction), or for a transaction (`connection.transaction()`)
     that ends inside the block, as the relay's batch does; the connection must go back
-    idle. A connection that
-    PostgreSQL closed is never handed out, and one left in an unknown state by an error
-    that is not PostgreSQL's own answer, or ended by one (`ends_the_connection`), is
-    discarded instead of returned.
+    idle. A connection that PostgreSQL closed is never handed out, and one left in an
+    unknown state by an error that is not PostgreSQL's own answer, or ended by one
+    (`ends_the_connection`), is discarded instead of returned.
     """
     fairy = await _checkout(engine)
     while (conn := fairy.driver_connection) is None or conn.is_closed():
