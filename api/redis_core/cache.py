@@ -86,7 +86,7 @@ class ResponseCache:
         self.circuit = circuit
         self.layout = keys or RedisKeys(settings.REDIS_KEY_PREFIX)
         self.ttl = settings.REDIS_TTL_EXPIRE
-        self._bump = calls.register_script(BUMP_GENERATION)
+        self._bump_script = calls.register_script(BUMP_GENERATION)
         # Counters whose bump failed (Redis away); bumped before the next read.
         self._pending: set[str] = set()
 
@@ -173,35 +173,52 @@ class ResponseCache:
             self.circuit.report(exc, "cache fill")
 
     async def invalidate(self, owner_id: uuid.UUID, order_id: uuid.UUID | None = None) -> bool:
-        """After a committed write to an order of `owner_id`: bump every counter it staled."""
-        self._pending.add(self.layout.viewer_generation(owner_id))
-        self._pending.add(self.layout.admins_generation())
+        """After a committed write to an order of `owner_id`: bump every counter it staled,
+        and those an earlier failure still owes."""
+        keys = {self.layout.viewer_generation(owner_id), self.layout.admins_generation()}
         if order_id is not None:
-            self._pending.add(self.layout.order_generation(order_id))
-        return await self.flush_pending()
+            keys.add(self.layout.order_generation(order_id))
+        return await self._bump(keys | self._pending)
 
     async def flush_pending(self) -> bool:
         """Bump every owed counter; False (serve nothing from the cache) while that fails."""
         if not self._pending:
             return True
+        return await self._bump(set(self._pending))
+
+    async def _bump(self, keys: set[str]) -> bool:
+        """Bump `keys`; those not bumped (Redis away, the caller cancelled) are owed.
+
+        A bump in flight owes nothing: the write is committed but not yet answered, and
+        a read racing an unanswered write may see it or not. Only a failed bump makes the
+        cache untrustworthy, for every request of this process, until it is paid.
+        """
         if not self.circuit.allow():
+            self._pending |= keys
             return False
-        owed = list(self._pending)
         start = secrets.randbelow(2**40) + 1
+        owed = list(keys)
         # Queued in one pass: one pipeline, each call on its own key's slot.
         calls = [
-            self._calls.evalsha(self._bump, [key], [GENERATION_TTL_SECONDS, start]) for key in owed
+            self._calls.evalsha(self._bump_script, [key], [GENERATION_TTL_SECONDS, start])
+            for key in owed
         ]
-        bumped = True
-        for key, call in zip(owed, calls, strict=True):
-            try:
-                await call
-            except REDIS_ERRORS as exc:
-                bumped = False
-                if self.circuit.report(exc, "cache invalidation"):
-                    logger.warning("cache invalidation failed", extra={"error": type(exc).__name__})
-            else:
-                self._pending.discard(key)
-        if bumped:
+        bumped: set[str] = set()
+        try:
+            for key, call in zip(owed, calls, strict=True):
+                try:
+                    await call
+                except REDIS_ERRORS as exc:
+                    if self.circuit.report(exc, "cache invalidation"):
+                        logger.warning(
+                            "cache invalidation failed", extra={"error": type(exc).__name__}
+                        )
+                else:
+                    bumped.add(key)
+        finally:
+            self._pending -= bumped
+            self._pending |= keys - bumped
+        if bumped == keys:
             self.circuit.succeeded()
-        return bumped
+            return True
+        return False
