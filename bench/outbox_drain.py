@@ -2,7 +2,7 @@
 
 Both publish the same 20,000 persistent order events to the same exchange and
 queue with publisher confirms awaited per batch; the relay also claims each
-batch with FOR UPDATE SKIP LOCKED and marks it sent in PostgreSQL. Everything
+batch (partition locks, `FOR UPDATE`) and marks it sent in PostgreSQL. Everything
 runs on a throwaway database and exchange, removed at the end.
 
     uv run python -m bench.outbox_drain [--events 20000] [--rounds 3] [--single-lane]

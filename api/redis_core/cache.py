@@ -197,15 +197,15 @@ class ResponseCache:
             self._pending |= keys
             return False
         start = secrets.randbelow(2**40) + 1
-        owed = list(keys)
+        ordered = list(keys)
         # Queued in one pass: one pipeline, each call on its own key's slot.
         calls = [
             self._calls.evalsha(self._bump_script, [key], [GENERATION_TTL_SECONDS, start])
-            for key in owed
+            for key in ordered
         ]
         bumped: set[str] = set()
         try:
-            for key, call in zip(owed, calls, strict=True):
+            for key, call in zip(ordered, calls, strict=True):
                 try:
                     await call
                 except REDIS_ERRORS as exc:

@@ -1,9 +1,11 @@
 """The outbox relay: moves committed events from PostgreSQL to RabbitMQ, at least once.
 
-A batch is claimed with `FOR UPDATE SKIP LOCKED`, published, confirmed and marked
-sent inside one transaction, so relays in many processes never publish the same
-row at once, and a relay that dies mid-batch leaves its rows for the next one (a
-duplicate then keeps its event id). Wakes on NOTIFY, polls as a fallback.
+A batch is claimed (the oldest unsent rows of the order partitions whose advisory lock
+the transaction gets, rows locked `FOR UPDATE`), published, confirmed and marked sent
+inside one transaction, so relays in many processes never publish the same row at once
+nor an order's events out of order, and a relay that dies mid-batch leaves its rows
+for the next one (a duplicate then keeps its event id). Wakes on NOTIFY, polls as a
+fallback.
 """
 
 from __future__ import annotations

@@ -140,7 +140,8 @@ FOR UPDATE
 #   or a new install), the planner prefers a bitmap scan and a sort, or a sequential
 #   scan, which read every unsent row on every claim: draining a 20,000-event backlog,
 #   a claim took 28-31 ms that way against 9-12 ms on the ordered walk. Planner switches
-#   are the one stable way to say so; `SET LOCAL` ends with the transaction (PgBouncer);
+#   are the one stable way to say so; `SET LOCAL` ends with the transaction (PgBouncer).
+#   One round trip per claim, which the mark no longer makes (an empty claim pays it);
 # - its commit (the marks, a failure count) does not wait for its WAL flush: a stamp
 #   lost in a PostgreSQL crash only means those rows are published again, same ids.
 _CLAIM_SETTINGS = (
